@@ -1,0 +1,199 @@
+"""Process wiring: one asyncio loop runs every listener; Twisted (IMAP) runs on it via its asyncio
+reactor (DESIGN.md §2). `serve` returns when SIGTERM or SIGINT has stopped everything cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from caducee import database
+from caducee.config import Config, HostPort
+
+log = logging.getLogger("caducee")
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiosmtpd logs every command line at INFO (with addresses): keep it at WARNING.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def install_reactor() -> asyncio.AbstractEventLoop:
+    """Install Twisted's asyncio reactor on a fresh loop (must happen before the reactor is imported)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    if "twisted.internet.reactor" not in sys.modules:
+        from twisted.internet import asyncioreactor
+
+        asyncioreactor.install(loop)
+    return loop
+
+
+@dataclass
+class Node:
+    """Everything one running node holds, in start order."""
+
+    cfg: Config
+    parts: dict[str, Any] = field(default_factory=dict)
+    smtp_servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    twisted_ports: list[Any] = field(default_factory=list)
+    addresses: dict[str, str] = field(default_factory=dict)
+
+
+async def start(cfg: Config) -> Node:
+    from twisted.internet import reactor
+
+    from crypto.tls import server_context, twisted_server_context_factory
+    from crypto.validation import CertificateValidator
+    from directory.store import DirectoryStore
+    from mailserver.audit import AuditTrail
+    from mailserver.auth import CertificateAuthenticator
+    from mailserver.blobs import BlobStore
+    from mailserver.db import Writer, make_engine
+    from mailserver.delivery import LocalDelivery
+    from mailserver.imap_server import build_imap_factory
+    from mailserver.queue import Queue
+    from mailserver.smtp_server import SubmissionHandler, SubmissionSettings, make_protocol_factory
+    from mailserver.store import SqlMailStore
+
+    node = Node(cfg)
+    await asyncio.to_thread(database.upgrade, cfg.database_url)
+    read_engine = make_engine(cfg.database_url)
+    writer = Writer(make_engine(cfg.database_url, writer=True))
+    writer.start()
+    blobs = BlobStore(cfg.path(cfg.storage.blobs))
+    directory = DirectoryStore(read_engine)
+    validator = CertificateValidator.from_files(cfg.path(cfg.tls.trust_anchors),
+                                                [cfg.path(p) for p in cfg.tls.crls])
+    authenticator = CertificateAuthenticator(validator, directory)
+    audit = AuditTrail(writer)
+    queue = Queue(writer, blobs)
+    store = SqlMailStore(read_engine, writer, blobs)
+    delivery = LocalDelivery(queue, store, frozenset(cfg.server.domains))
+    node.parts.update(read_engine=read_engine, writer=writer, queue=queue, store=store, delivery=delivery,
+                      audit=audit, directory=directory, authenticator=authenticator)
+
+    cert, key = cfg.path(cfg.tls.certificate), cfg.path(cfg.tls.key)
+    tls = server_context(cert, key)
+    settings = SubmissionSettings(
+        hostname=cfg.server.hostname,
+        local_domains=frozenset(cfg.server.domains),
+        max_message_size=cfg.limits.max_message_size,
+        max_recipients=cfg.limits.max_recipients,
+        timeout=cfg.limits.smtp_timeout,
+    )
+    handler = SubmissionHandler(settings, authenticator, directory, queue, audit)
+    node.parts["smtp_handler"] = handler
+    loop = asyncio.get_running_loop()
+    delivery.start()
+
+    async def listen_smtp(name: str, where: HostPort | None, implicit: bool) -> None:
+        if where is None:
+            return
+        server = await loop.create_server(
+            make_protocol_factory(handler, tls, implicit_tls=implicit), where.host, where.port,
+            ssl=tls if implicit else None, reuse_address=True,
+        )
+        node.smtp_servers.append(server)
+        host, port = server.sockets[0].getsockname()[:2]
+        node.addresses[name] = f"{host}:{port}"
+
+    await listen_smtp("submission", cfg.listen.submission, False)
+    await listen_smtp("submissions", cfg.listen.submissions, True)
+
+    imap_tls = twisted_server_context_factory(cert, key)
+    imap_auth = _imap_authenticator(authenticator)
+    for name, where, implicit in (("imap", cfg.listen.imap, False), ("imaps", cfg.listen.imaps, True)):
+        if where is None:
+            continue
+        factory = build_imap_factory(store, imap_auth, audit, imap_tls, implicit_tls=implicit,
+                                     max_append_size=cfg.limits.imap_max_append_size,
+                                     hostname=cfg.server.hostname)
+        if implicit:
+            port = reactor.listenSSL(where.port, factory, imap_tls, interface=where.host)
+        else:
+            port = reactor.listenTCP(where.port, factory, interface=where.host)
+        node.twisted_ports.append(port)
+        addr = port.getHost()
+        node.addresses[name] = f"{addr.host}:{addr.port}"
+
+    for name, address in node.addresses.items():
+        log.info("event=listening protocol=%s address=%s", name, address)
+    return node
+
+
+def _imap_authenticator(authenticator: Any) -> Any:
+    from mailserver.auth import LoginRefused
+    from mailserver.imap_server import ImapLogin
+
+    async def authenticate(cert_der: bytes | None, authzid: str) -> ImapLogin | None:
+        try:
+            identity = await asyncio.to_thread(authenticator.authenticate, cert_der, authzid)
+        except LoginRefused as exc:
+            log.info("event=login_failed protocol=imap reason=%s", exc.reason)
+            return None
+        mailbox = identity.mailbox_for(authzid)
+        if mailbox is None:
+            return None
+        return ImapLogin(mailbox_id=mailbox.id, address=mailbox.address,
+                         principal=identity.principal.national_id)
+
+    return authenticate
+
+
+async def stop(node: Node) -> None:
+    from mailserver.smtp_server import shutdown
+
+    log.info("event=stopping")
+    for port in node.twisted_ports:
+        await _from_deferred(port.stopListening())
+    await shutdown(node.parts["smtp_handler"], node.smtp_servers)
+    await node.parts["delivery"].stop()
+    await asyncio.to_thread(node.parts["writer"].stop)
+    node.parts["read_engine"].dispose()
+    log.info("event=stopped")
+
+
+async def _from_deferred(d: Any) -> Any:
+    if d is None:
+        return None
+    return await d.asFuture(asyncio.get_running_loop())
+
+
+def serve(cfg: Config) -> int:
+    """Run the node until SIGTERM/SIGINT. Returns the process exit status."""
+    setup_logging(cfg.log.level)
+    loop = install_reactor()
+    from twisted.internet import defer, reactor
+
+    state: dict[str, Any] = {"status": 0}
+
+    async def main() -> None:
+        try:
+            state["node"] = await start(cfg)
+        except Exception as exc:  # noqa: BLE001 - report a start failure plainly, then stop
+            log.error("event=start_failed error=%s detail=%s", type(exc).__name__, exc)
+            state["status"] = 1
+            reactor.stop()
+            return
+        log.info("event=ready")
+
+    def graceful() -> Any:
+        node = state.get("node")
+        if node is None:
+            return None
+        return defer.Deferred.fromFuture(asyncio.ensure_future(stop(node)))
+
+    reactor.addSystemEventTrigger("before", "shutdown", graceful)
+    reactor.callWhenRunning(lambda: asyncio.ensure_future(main()))
+    reactor.run(installSignalHandlers=True)
+    loop.close()
+    return int(state["status"])

@@ -1,0 +1,274 @@
+"""The configuration: one TOML file (`caducee.toml` in the state folder), typed and validated.
+
+Every problem is reported at once, each with its key and the file; unknown keys are errors (a typo must
+not silently fall back to a default). Relative paths are relative to the state folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """All the problems found in one configuration file."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "localhost"
+    domains: tuple[str, ...] = ("caducee.localhost",)
+    organisation: str = "Caducée"
+    structure_id: str = "3" + "99999999900009"
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    submission: HostPort | None = HostPort("127.0.0.1", 5587)
+    submissions: HostPort | None = HostPort("127.0.0.1", 5465)
+    imap: HostPort | None = HostPort("127.0.0.1", 1143)
+    imaps: HostPort | None = HostPort("127.0.0.1", 1993)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certificate: Path = Path("pki/server/server.pem")
+    key: Path = Path("pki/server/server.key")
+    trust_anchors: Path = Path("pki/ca-bundle.pem")
+    crls: tuple[Path, ...] = (
+        Path("pki/crl/root.crl.pem"),
+        Path("pki/crl/persons.crl.pem"),
+        Path("pki/crl/organisations.crl.pem"),
+    )
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = "sqlite:///caducee.db"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    blobs: Path = Path("blobs")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 100
+    smtp_timeout: int = 300
+    imap_max_append_size: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path
+    server: ServerConfig = field(default_factory=ServerConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def path(self, p: Path) -> Path:
+        return p if p.is_absolute() else self.state_dir / p
+
+    @property
+    def database_url(self) -> str:
+        url = self.database.url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite://":
+            return prefix + str((self.state_dir / url[len(prefix):]).resolve())
+        return url
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "listen": ListenConfig,
+    "tls": TlsConfig,
+    "database": DatabaseConfig,
+    "storage": StorageConfig,
+    "limits": LimitsConfig,
+    "log": LogConfig,
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _parse_hostport(value: Any) -> HostPort | None:
+    if value == "" or value is False:
+        return None  # listener disabled
+    if not isinstance(value, str):
+        raise ValueError('expected "host:port" or "" to disable')
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f'expected "host:port", got {value!r}')
+    host = host.strip("[]")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range: {number}")
+    return HostPort(host or "0.0.0.0", number)
+
+
+def _convert(section: str, key: str, value: Any, default: Any) -> Any:
+    if section == "listen":
+        return _parse_hostport(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError("expected an integer")
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+    if isinstance(default, Path):
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a path")
+        return Path(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of strings")
+        if default and isinstance(default[0], Path):
+            return tuple(Path(v) for v in value)
+        return tuple(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        if section == "log" and key == "level" and value.lower() not in LOG_LEVELS:
+            raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+        if section == "server" and key == "hostname" and not value:
+            raise ValueError("must not be empty")
+        return value
+    raise ValueError("unsupported value")
+
+
+def parse(data: dict[str, Any], state_dir: Path, source: Path) -> Config:
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in SECTIONS:
+            problems.append(f"unknown section [{name}] (known: {', '.join(SECTIONS)})")
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"{name}: expected a table [{name}]")
+            continue
+        cls = SECTIONS[name]
+        defaults = cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in value.items():
+            if key not in known:
+                problems.append(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
+                continue
+            try:
+                values[key] = _convert(name, key, raw, getattr(defaults, key))
+            except ValueError as exc:
+                problems.append(f"{name}.{key}: {exc}")
+        if name == "server" and "domains" in values and not values["domains"]:
+            problems.append("server.domains: at least one local domain is required")
+        try:
+            sections[name] = cls(**values)
+        except TypeError as exc:  # pragma: no cover - guarded by the key check above
+            problems.append(f"{name}: {exc}")
+    if problems:
+        raise ConfigError(source, problems)
+    cfg = Config(state_dir=state_dir, **sections)
+    cfg = dataclasses.replace(
+        cfg, server=dataclasses.replace(cfg.server, domains=tuple(d.lower() for d in cfg.server.domains))
+    )
+    return cfg
+
+
+def config_path(state_dir: Path) -> Path:
+    return state_dir / "caducee.toml"
+
+
+def load(state_dir: Path) -> Config:
+    path = config_path(state_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, ["no configuration file; run `caducee init` first"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+    return parse(data, state_dir.resolve(), path)
+
+
+def sample(domain: str, hostname: str = "localhost") -> str:
+    """A commented configuration with every key at its default."""
+    d = Config(state_dir=Path("."))
+    lst = d.listen
+    crls = ", ".join(f'"{p}"' for p in d.tls.crls)
+    return f'''# Caducée configuration. Paths are relative to this folder (the state folder).
+# Every key is shown with its default; unknown keys are refused.
+
+[server]
+# Name in the SMTP greeting, Received headers and the server certificate.
+hostname = "{hostname}"
+# Mail domains delivered locally (the operator's domains in the trust space).
+domains = ["{domain}"]
+# The operator: organisation name and structure national id (prefix 1 = FINESS, 3 = SIRET).
+organisation = "{d.server.organisation}"
+structure_id = "{d.server.structure_id}"
+
+[listen]
+# "host:port"; "" disables a listener. Production ports: 587, 465, 143, 993.
+submission = "{lst.submission}"     # SMTP submission, STARTTLS required before AUTH
+submissions = "{lst.submissions}"   # SMTP submission, implicit TLS
+imap = "{lst.imap}"                 # IMAP, STARTTLS required before AUTHENTICATE
+imaps = "{lst.imaps}"               # IMAP, implicit TLS
+
+[tls]
+# The node's certificate and key (PEM). TLS 1.2 and 1.3 only, AEAD suites only.
+certificate = "{d.tls.certificate}"
+key = "{d.tls.key}"
+# Certification authorities whose certificates may log in (roots and intermediates, PEM).
+trust_anchors = "{d.tls.trust_anchors}"
+# Revocation lists of those authorities; a certificate whose CA has no valid CRL is refused.
+crls = [{crls}]
+
+[database]
+# SQLite (embedded default, relative to this folder) or PostgreSQL:
+# url = "postgresql+psycopg://caducee@127.0.0.1:5432/caducee"
+url = "{d.database.url}"
+
+[storage]
+# Message bodies, content-addressed.
+blobs = "{d.storage.blobs}"
+
+[limits]
+max_message_size = {d.limits.max_message_size}   # bytes, announced with SIZE (RFC 1870)
+max_recipients = {d.limits.max_recipients}       # per message
+smtp_timeout = {d.limits.smtp_timeout}           # seconds of client silence before 421
+imap_max_append_size = {d.limits.imap_max_append_size}
+
+[log]
+level = "{d.log.level}"   # debug, info, warning, error
+'''

@@ -1,0 +1,131 @@
+"""Local delivery: moves queued messages into the recipients' mailboxes.
+
+Each batch runs in one transaction that inserts the mailbox entries and marks the recipients delivered
+together, and `messages.queue_recipient_id` is unique: a message is delivered exactly once even if the
+process dies at any point (it is then either still queued or delivered, never both, never twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from directory.schema import mailboxes
+from mailserver.audit import append_in
+from mailserver.audit_api import AuditEvent
+from mailserver.queue import Queue, RecipientState
+from mailserver.schema import queue_messages, queue_recipients
+from mailserver.store import SqlMailStore, deliver_in
+
+log = logging.getLogger(__name__)
+
+BATCH = 200
+
+
+@dataclass(frozen=True)
+class Delivered:
+    queue_id: str
+    rcpt: str
+    folder_id: int
+    uid: int
+
+
+def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: int = BATCH) -> list[Delivered]:
+    """Deliver up to `limit` due local recipients inside the caller's transaction."""
+    now = dt.datetime.now(dt.timezone.utc)
+    due = conn.execute(
+        sa.select(
+            queue_recipients.c.id, queue_recipients.c.rcpt, queue_recipients.c.message_id,
+            queue_messages.c.blob, queue_messages.c.size, queue_messages.c.header_message_id,
+            queue_messages.c.received_at,
+        )
+        .join(queue_messages, queue_messages.c.id == queue_recipients.c.message_id)
+        .where(
+            queue_recipients.c.state == RecipientState.QUEUED,
+            queue_recipients.c.next_attempt_at <= now,
+            sa.or_(queue_recipients.c.lease_expires.is_(None), queue_recipients.c.lease_expires < now),
+        )
+        .order_by(queue_recipients.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=queue_recipients)
+    ).all()
+    done: list[Delivered] = []
+    for row in due:
+        domain = row.rcpt.rpartition("@")[2].lower()
+        if domain not in local_domains:
+            continue  # remote recipients belong to the relay
+        mailbox = conn.execute(
+            sa.select(mailboxes.c.id, mailboxes.c.address).where(
+                mailboxes.c.address == row.rcpt.lower(), mailboxes.c.active.is_(True)
+            )
+        ).first()
+        if mailbox is None:
+            # The mailbox was closed after the recipient was accepted.
+            conn.execute(
+                sa.update(queue_recipients).where(queue_recipients.c.id == row.id).values(
+                    state=RecipientState.FAILED, last_error="5.1.1 mailbox unavailable", updated_at=now)
+            )
+            log.info("event=delivery_failed queue_id=%s reason=mailbox_unavailable", row.message_id)
+            continue
+        folder_id, uid = deliver_in(
+            conn, mailbox.id, row.blob, row.size, header_message_id=row.header_message_id,
+            queue_recipient_id=row.id, internaldate=now,
+        )
+        conn.execute(
+            sa.update(queue_recipients).where(queue_recipients.c.id == row.id).values(
+                state=RecipientState.DELIVERED, attempts=queue_recipients.c.attempts + 1, updated_at=now)
+        )
+        append_in(conn, AuditEvent.DELIVER, actor="delivery", protocol="local", mailbox=mailbox.address,
+                  message_id=row.header_message_id, detail={"queue_id": row.message_id}, at=now)
+        done.append(Delivered(row.message_id, mailbox.address, folder_id, uid))
+    return done
+
+
+class LocalDelivery:
+    """The delivery worker: woken by the queue on each acceptance, and every `poll` seconds."""
+
+    def __init__(self, queue: Queue, store: SqlMailStore, local_domains: frozenset[str], *, poll: float = 1.0) -> None:
+        self.queue = queue
+        self.store = store
+        self.local_domains = local_domains
+        self.poll = poll
+        self.delivered = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="local-delivery")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.queue.wakeup.set()
+        if self._task:
+            await self._task
+
+    async def run_once(self) -> list[Delivered]:
+        done = await self.queue.writer.run(lambda conn: deliver_due_in(conn, self.local_domains))
+        for item in done:
+            log.info("event=delivered queue_id=%s folder=%s uid=%s", item.queue_id, item.folder_id, item.uid)
+        for folder_id in {d.folder_id for d in done}:
+            self.store.notify(folder_id)
+        self.delivered += len(done)
+        return done
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self.queue.wakeup.clear()  # before the batch: an acceptance committed meanwhile re-arms it
+            try:
+                done = await self.run_once()
+            except Exception:  # noqa: BLE001 - keep delivering; the failure is logged and retried
+                log.exception("event=delivery_batch_failed")
+                done = []
+            if len(done) >= BATCH:
+                continue
+            try:
+                await asyncio.wait_for(self.queue.wakeup.wait(), timeout=self.poll)
+            except asyncio.TimeoutError:
+                pass

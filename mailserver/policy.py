@@ -1,0 +1,109 @@
+"""Submission policy as plain functions: values in, a refusal `Reply` (or None) out. No sockets.
+
+- check_sender: MAIL FROM must be a mailbox of the authenticated principal (anti-spoofing, DESIGN.md §4);
+- check_recipient: local and known (550 5.1.1), or refused as relaying (550 5.7.1) — the trust-space
+  relay comes later;
+- check_body: no bare CR or LF anywhere (RFC 5321 §2.3.8; SMTP smuggling), a parseable header whose
+  From: (and Sender:) are all mailboxes of the principal.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import email.utils
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+from mailserver import replies
+from mailserver.auth import Identity
+from mailserver.replies import Reply
+
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
+
+
+class MailboxLookup(Protocol):
+    def mailbox_by_address(self, address: str) -> object | None: ...
+
+
+def valid_address(address: str) -> bool:
+    return bool(_ADDRESS.match(address)) and len(address) <= 254
+
+
+def check_sender(identity: Identity, mail_from: str) -> Reply | None:
+    if not mail_from:
+        return replies.NULL_SENDER_REFUSED
+    if not valid_address(mail_from):
+        return replies.BAD_ADDRESS
+    if not identity.owns(mail_from):
+        return replies.SENDER_NOT_OWNED
+    return None
+
+
+def check_recipient(address: str, local_domains: frozenset[str], directory: MailboxLookup) -> Reply | None:
+    if not valid_address(address):
+        return replies.BAD_ADDRESS
+    domain = address.rpartition("@")[2].lower()
+    if domain not in local_domains:
+        return replies.RELAY_DENIED
+    if directory.mailbox_by_address(address) is None:
+        return replies.UNKNOWN_RECIPIENT
+    return None
+
+
+@dataclass(frozen=True)
+class CheckedMessage:
+    header_end: int  # offset of the blank line ending the header (or len(content) if none)
+    message_id: str | None
+    has_date: bool
+
+
+def check_body(content: bytes, identity: Identity) -> CheckedMessage | Reply:
+    if _BARE_CR_OR_LF.search(content):
+        return replies.BARE_LINE_ENDING
+    end = content.find(b"\r\n\r\n")
+    header_block = content[: end + 2] if end >= 0 else content
+    if content.startswith(b"\r\n"):
+        return replies.FROM_MISSING
+    try:
+        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header_block)
+    except Exception:  # noqa: BLE001 - any parser failure is a malformed header
+        return replies.HEADER_MALFORMED
+    if headers.defects:
+        return replies.HEADER_MALFORMED
+    froms = headers.get_all("From") or []
+    if len(froms) != 1:  # RFC 5322 §3.6: exactly one From field
+        return replies.FROM_MISSING
+    addresses = [a for _, a in email.utils.getaddresses(froms + (headers.get_all("Sender") or []))]
+    if not addresses or any(not a or not valid_address(a) for a in addresses):
+        return replies.FROM_MISSING
+    if any(not identity.owns(a) for a in addresses):
+        return replies.FROM_NOT_OWNED
+    message_id = headers.get("Message-ID")
+    return CheckedMessage(
+        header_end=end if end >= 0 else len(content),
+        message_id=str(message_id).strip()[:998] if message_id else None,
+        has_date=headers.get("Date") is not None,
+    )
+
+
+def prepend_trace(content: bytes, checked: CheckedMessage, *, received: bytes, hostname: str) -> tuple[bytes, str]:
+    """Add the Received field, and Date and Message-ID when absent (RFC 6409 §8.2, §8.3).
+
+    Returns the message and its Message-ID.
+    """
+    added = bytearray(received)
+    if not checked.has_date:
+        added += f"Date: {email.utils.formatdate(usegmt=True)}\r\n".encode()
+    message_id = checked.message_id
+    if message_id is None:
+        message_id = email.utils.make_msgid(domain=hostname)
+        added += f"Message-ID: {message_id}\r\n".encode()
+    return bytes(added) + content, message_id
+
+
+def sanitise_helo(name: str) -> str:
+    return _HELO_SAFE.sub("_", name)[:255]

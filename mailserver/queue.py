@@ -1,0 +1,94 @@
+"""The durable queue (DESIGN.md §3).
+
+`enqueue` returns only when the body blob is fsynced and the queue rows are committed: the SMTP server
+answers 250 after that and never before. Recipients carry state, attempts, next attempt and a lease
+(owner, expiry) so that several workers, or several nodes, share one queue and a crashed worker's claims
+come back when its lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from mailserver.audit import append_in
+from mailserver.audit_api import AuditEvent
+from mailserver.blobs import BlobStore
+from mailserver.db import Writer
+from mailserver.schema import queue_messages, queue_recipients
+
+
+class RecipientState:
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Recipient:
+    address: str
+    notify: str | None = None  # RFC 3461 NOTIFY
+    orcpt: str | None = None  # RFC 3461 ORCPT
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One SMTP transaction's envelope, once every recipient was accepted."""
+
+    mail_from: str
+    recipients: tuple[Recipient, ...]
+    principal: str | None = None  # national id of the authenticated submitter
+    envid: str | None = None
+    ret: str | None = None
+    header_message_id: str | None = None
+    protocol: str = "smtp"
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def new_queue_id() -> str:
+    """Sortable, unguessable id: 12 hex digits of milliseconds, then 12 random hex digits."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+class Queue:
+    def __init__(self, writer: Writer, blobs: BlobStore, *, node: str | None = None) -> None:
+        self.writer = writer
+        self.blobs = blobs
+        self.node = node or f"{os.uname().nodename}:{os.getpid()}"
+        self.wakeup = asyncio.Event()
+
+    async def enqueue(self, envelope: Envelope, data: bytes, *, queue_id: str | None = None) -> str:
+        """Store the body and the queue rows durably; returns the queue id."""
+        blob = await asyncio.to_thread(self.blobs.put, data)
+        queue_id = queue_id or new_queue_id()
+        now = dt.datetime.now(dt.timezone.utc)
+
+        def job(conn: sa.Connection) -> None:
+            conn.execute(
+                sa.insert(queue_messages).values(
+                    id=queue_id, blob=blob, size=len(data), mail_from=envelope.mail_from,
+                    envid=envelope.envid, ret=envelope.ret, principal=envelope.principal,
+                    header_message_id=envelope.header_message_id, received_at=now,
+                )
+            )
+            conn.execute(
+                sa.insert(queue_recipients),
+                [
+                    dict(message_id=queue_id, rcpt=r.address, notify=r.notify, orcpt=r.orcpt,
+                         state=RecipientState.QUEUED, attempts=0, next_attempt_at=now, updated_at=now)
+                    for r in envelope.recipients
+                ],
+            )
+            append_in(conn, AuditEvent.SUBMIT, actor=envelope.principal or "unknown", protocol=envelope.protocol,
+                      mailbox=envelope.mail_from or None, message_id=envelope.header_message_id,
+                      detail={"queue_id": queue_id, "recipients": str(len(envelope.recipients))}, at=now)
+
+        await self.writer.run(job)
+        self.wakeup.set()
+        return queue_id

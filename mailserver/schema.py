@@ -1,0 +1,85 @@
+"""Database tables of the mail server: queue, mailbox store, audit trail (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from directory.schema import metadata
+
+TZDateTime = sa.DateTime(timezone=True)
+
+# A message accepted for delivery. Its body is the blob `blob` (content address, see blobs.py).
+queue_messages = sa.Table(
+    "queue_messages",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("blob", sa.String(64), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("mail_from", sa.String(320), nullable=False),  # "" for the null reverse-path
+    sa.Column("envid", sa.String(100), nullable=True),  # RFC 3461 ENVID
+    sa.Column("ret", sa.String(4), nullable=True),  # RFC 3461 RET=FULL|HDRS
+    sa.Column("principal", sa.String(32), nullable=True),  # national id of the submitter
+    sa.Column("header_message_id", sa.String(998), nullable=True),
+    sa.Column("received_at", TZDateTime, nullable=False),
+)
+
+queue_recipients = sa.Table(
+    "queue_recipients",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(32), sa.ForeignKey("queue_messages.id"), nullable=False, index=True),
+    sa.Column("rcpt", sa.String(320), nullable=False),
+    sa.Column("notify", sa.String(40), nullable=True),  # RFC 3461 NOTIFY
+    sa.Column("orcpt", sa.String(500), nullable=True),  # RFC 3461 ORCPT
+    sa.Column("state", sa.String(16), nullable=False),  # queued | delivered | failed
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", TZDateTime, nullable=False),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires", TZDateTime, nullable=True),
+    sa.Column("last_error", sa.String(500), nullable=True),
+    sa.Column("updated_at", TZDateTime, nullable=False),
+    sa.Index("ix_queue_recipients_due", "state", "next_attempt_at"),
+)
+
+folders = sa.Table(
+    "folders",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("mailbox_id", sa.Integer, sa.ForeignKey("mailboxes.id"), nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("uidvalidity", sa.BigInteger, nullable=False),
+    sa.Column("uidnext", sa.BigInteger, nullable=False, server_default="1"),
+    sa.Column("subscribed", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.UniqueConstraint("mailbox_id", "name", name="uq_folders_mailbox_name"),
+)
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("folder_id", sa.Integer, sa.ForeignKey("folders.id"), nullable=False),
+    sa.Column("uid", sa.BigInteger, nullable=False),
+    sa.Column("blob", sa.String(64), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("internaldate", TZDateTime, nullable=False),
+    sa.Column("flags", sa.String(1000), nullable=False, server_default=""),  # space-separated
+    sa.Column("header_message_id", sa.String(998), nullable=True),
+    # Set when the message came through the queue: makes delivery idempotent (exactly once).
+    sa.Column("queue_recipient_id", sa.Integer, nullable=True, unique=True),
+    sa.UniqueConstraint("folder_id", "uid", name="uq_messages_folder_uid"),
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", TZDateTime, nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+    sa.Column("protocol", sa.String(16), nullable=True),
+    sa.Column("mailbox", sa.String(320), nullable=True),
+    sa.Column("message_id", sa.String(998), nullable=True),
+    sa.Column("detail", sa.Text, nullable=True),  # JSON object of short strings
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)

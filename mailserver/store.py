@@ -1,0 +1,307 @@
+"""The mailbox store on SQL: folders and message entries pointing at immutable blobs.
+
+Implements `mailserver.store_api.MailStore` for the IMAP server, and `deliver_in` for the delivery
+worker. UIDs are allocated from `folders.uidnext` inside the writing transaction (RFC 3501 §2.3.1.1:
+strictly ascending, never reused while UIDVALIDITY holds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import sqlalchemy as sa
+
+from mailserver.blobs import BlobStore
+from mailserver.db import Writer
+from mailserver.schema import folders, messages
+from mailserver.store_api import FlagMode, FolderInfo, StoredMessage
+
+log = logging.getLogger(__name__)
+
+INBOX = "INBOX"
+SEEN = "\\Seen"
+DELETED = "\\Deleted"
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def _flags_text(flags: Iterable[str]) -> str:
+    return " ".join(sorted(set(flags)))
+
+
+def _flags_set(text: str) -> frozenset[str]:
+    return frozenset(text.split()) if text else frozenset()
+
+
+def _canonical_name(name: str) -> str:
+    return INBOX if name.upper() == INBOX else name
+
+
+def folder_id_in(conn: sa.Connection, mailbox_id: int, name: str, *, create: bool = True) -> int | None:
+    """The id of a folder, created on demand (INBOX always exists for a delivered message)."""
+    name = _canonical_name(name)
+    fid = conn.execute(
+        sa.select(folders.c.id).where(folders.c.mailbox_id == mailbox_id, folders.c.name == name)
+    ).scalar()
+    if fid is None and create:
+        fid = conn.execute(
+            sa.insert(folders).values(mailbox_id=mailbox_id, name=name, uidvalidity=_new_uidvalidity(), uidnext=1)
+        ).inserted_primary_key[0]
+    return fid
+
+
+def _new_uidvalidity() -> int:
+    return int(time.time()) & 0x7FFFFFFF
+
+
+def _next_uid(conn: sa.Connection, folder_id: int, count: int = 1) -> int:
+    first = conn.execute(
+        sa.update(folders)
+        .where(folders.c.id == folder_id)
+        .values(uidnext=folders.c.uidnext + count)
+        .returning(folders.c.uidnext)
+    ).scalar_one()
+    return int(first) - count
+
+
+def deliver_in(
+    conn: sa.Connection,
+    mailbox_id: int,
+    blob: str,
+    size: int,
+    *,
+    header_message_id: str | None,
+    queue_recipient_id: int | None,
+    internaldate: dt.datetime | None = None,
+) -> tuple[int, int]:
+    """Place a message in a mailbox's INBOX inside the caller's transaction; returns (folder id, uid)."""
+    fid = folder_id_in(conn, mailbox_id, INBOX)
+    assert fid is not None
+    uid = _next_uid(conn, fid)
+    conn.execute(
+        sa.insert(messages).values(
+            folder_id=fid, uid=uid, blob=blob, size=size,
+            internaldate=internaldate or dt.datetime.now(dt.timezone.utc),
+            flags="", header_message_id=header_message_id, queue_recipient_id=queue_recipient_id,
+        )
+    )
+    return fid, uid
+
+
+def _header_message_id(raw: bytes) -> str | None:
+    end = raw.find(b"\r\n\r\n")
+    head = raw[: end if end >= 0 else len(raw)]
+    import email.parser
+    import email.policy
+
+    value = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head).get("Message-ID")
+    return str(value).strip()[:998] if value else None
+
+
+class SqlMailStore:
+    """`MailStore` on the shared database. Reads use `engine`; writes go through the `Writer`."""
+
+    def __init__(self, engine: sa.Engine, writer: Writer, blobs: BlobStore) -> None:
+        self.engine = engine
+        self.writer = writer
+        self.blobs = blobs
+        self._listeners: dict[int, set[Callable[[int], None]]] = defaultdict(set)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- reads --
+    def _folder_infos(self, where: sa.ColumnElement[bool]) -> list[FolderInfo]:
+        seen_like = messages.c.flags.like(f"%{SEEN}%")
+        counts = (
+            sa.select(
+                messages.c.folder_id,
+                sa.func.count().label("exists"),
+                sa.func.sum(sa.case((seen_like, 0), else_=1)).label("unseen"),
+            )
+            .group_by(messages.c.folder_id)
+            .subquery()
+        )
+        query = (
+            sa.select(folders, counts.c.exists, counts.c.unseen)
+            .outerjoin(counts, counts.c.folder_id == folders.c.id)
+            .where(where)
+            .order_by(folders.c.name)
+        )
+        with self.engine.connect() as conn:
+            return [
+                FolderInfo(r.id, r.mailbox_id, r.name, int(r.uidvalidity), int(r.uidnext),
+                           int(r.exists or 0), int(r.unseen or 0))
+                for r in conn.execute(query)
+            ]
+
+    def list_folders(self, mailbox_id: int) -> list[FolderInfo]:
+        infos = self._folder_infos(folders.c.mailbox_id == mailbox_id)
+        if not any(f.name == INBOX for f in infos):
+            self.writer.run_sync(lambda conn: folder_id_in(conn, mailbox_id, INBOX))
+            infos = self._folder_infos(folders.c.mailbox_id == mailbox_id)
+        return infos
+
+    def get_folder(self, mailbox_id: int, name: str) -> FolderInfo | None:
+        name = _canonical_name(name)
+        found = self._folder_infos(sa.and_(folders.c.mailbox_id == mailbox_id, folders.c.name == name))
+        if not found and name == INBOX:
+            self.writer.run_sync(lambda conn: folder_id_in(conn, mailbox_id, INBOX))
+            found = self._folder_infos(sa.and_(folders.c.mailbox_id == mailbox_id, folders.c.name == name))
+        return found[0] if found else None
+
+    def messages(self, folder_id: int) -> list[StoredMessage]:
+        query = sa.select(messages).where(messages.c.folder_id == folder_id).order_by(messages.c.uid)
+        with self.engine.connect() as conn:
+            return [
+                StoredMessage(int(r.uid), r.size, _utc(r.internaldate), _flags_set(r.flags), r.blob)
+                for r in conn.execute(query)
+            ]
+
+    def read_blob(self, blob: str) -> bytes:
+        return self.blobs.get(blob)
+
+    # -- writes --
+    async def create_folder(self, mailbox_id: int, name: str) -> FolderInfo:
+        name = _canonical_name(name)
+
+        def job(conn: sa.Connection) -> None:
+            exists = conn.execute(
+                sa.select(folders.c.id).where(folders.c.mailbox_id == mailbox_id, folders.c.name == name)
+            ).scalar()
+            if exists is not None:
+                raise ValueError("folder exists")
+            folder_id_in(conn, mailbox_id, name)
+
+        await self.writer.run(job)
+        info = self.get_folder(mailbox_id, name)
+        assert info is not None
+        return info
+
+    async def delete_folder(self, folder_id: int) -> None:
+        def job(conn: sa.Connection) -> None:
+            conn.execute(sa.delete(messages).where(messages.c.folder_id == folder_id))
+            conn.execute(sa.delete(folders).where(folders.c.id == folder_id))
+
+        await self.writer.run(job)
+
+    async def rename_folder(self, folder_id: int, new_name: str) -> None:
+        await self.writer.run(
+            lambda conn: conn.execute(
+                sa.update(folders).where(folders.c.id == folder_id).values(name=_canonical_name(new_name))
+            )
+        )
+
+    async def append(self, folder_id: int, raw: bytes, flags: Iterable[str],
+                     internaldate: dt.datetime | None) -> int:
+        blob = await asyncio.to_thread(self.blobs.put, raw)
+        flag_text = _flags_text(flags)
+        header_id = _header_message_id(raw)
+
+        def job(conn: sa.Connection) -> int:
+            uid = _next_uid(conn, folder_id)
+            conn.execute(
+                sa.insert(messages).values(
+                    folder_id=folder_id, uid=uid, blob=blob, size=len(raw),
+                    internaldate=internaldate or dt.datetime.now(dt.timezone.utc),
+                    flags=flag_text, header_message_id=header_id,
+                )
+            )
+            return uid
+
+        uid = await self.writer.run(job)
+        self.notify(folder_id)
+        return uid
+
+    async def set_flags(self, folder_id: int, uids: Iterable[int], flags: Iterable[str],
+                        mode: FlagMode) -> dict[int, frozenset[str]]:
+        wanted = frozenset(flags)
+        uid_list = sorted(set(uids))
+
+        def job(conn: sa.Connection) -> dict[int, frozenset[str]]:
+            out: dict[int, frozenset[str]] = {}
+            rows = conn.execute(
+                sa.select(messages.c.id, messages.c.uid, messages.c.flags).where(
+                    messages.c.folder_id == folder_id, messages.c.uid.in_(uid_list)
+                )
+            ).all()
+            for row in rows:
+                current = _flags_set(row.flags)
+                new = wanted if mode == "set" else (current | wanted if mode == "add" else current - wanted)
+                if new != current:
+                    conn.execute(sa.update(messages).where(messages.c.id == row.id).values(flags=_flags_text(new)))
+                out[int(row.uid)] = frozenset(new)
+            return out
+
+        return await self.writer.run(job)
+
+    async def expunge(self, folder_id: int, uids: Iterable[int] | None = None) -> list[int]:
+        only = None if uids is None else sorted(set(uids))
+
+        def job(conn: sa.Connection) -> list[int]:
+            cond = sa.and_(messages.c.folder_id == folder_id, messages.c.flags.like(f"%{DELETED}%"))
+            if only is not None:
+                cond = sa.and_(cond, messages.c.uid.in_(only))
+            rows = conn.execute(sa.select(messages.c.id, messages.c.uid, messages.c.flags).where(cond)).all()
+            gone = [r for r in rows if DELETED in _flags_set(r.flags)]
+            if gone:
+                conn.execute(sa.delete(messages).where(messages.c.id.in_([r.id for r in gone])))
+            return sorted(int(r.uid) for r in gone)
+
+        return await self.writer.run(job)
+
+    async def _copy(self, folder_id: int, uids: Iterable[int], dest_folder_id: int, *, move: bool) -> list[tuple[int, int]]:
+        uid_list = sorted(set(uids))
+
+        def job(conn: sa.Connection) -> list[tuple[int, int]]:
+            rows = conn.execute(
+                sa.select(messages).where(messages.c.folder_id == folder_id, messages.c.uid.in_(uid_list))
+                .order_by(messages.c.uid)
+            ).all()
+            if not rows:
+                return []
+            first = _next_uid(conn, dest_folder_id, len(rows))
+            pairs = []
+            for offset, row in enumerate(rows):
+                new_uid = first + offset
+                conn.execute(
+                    sa.insert(messages).values(
+                        folder_id=dest_folder_id, uid=new_uid, blob=row.blob, size=row.size,
+                        internaldate=row.internaldate, flags=row.flags, header_message_id=row.header_message_id,
+                    )
+                )
+                pairs.append((int(row.uid), new_uid))
+            if move:
+                conn.execute(sa.delete(messages).where(messages.c.id.in_([r.id for r in rows])))
+            return pairs
+
+        pairs = await self.writer.run(job)
+        if pairs:
+            self.notify(dest_folder_id)
+        return pairs
+
+    async def copy(self, folder_id: int, uids: Iterable[int], dest_folder_id: int) -> list[tuple[int, int]]:
+        return await self._copy(folder_id, uids, dest_folder_id, move=False)
+
+    async def move(self, folder_id: int, uids: Iterable[int], dest_folder_id: int) -> list[tuple[int, int]]:
+        return await self._copy(folder_id, uids, dest_folder_id, move=True)
+
+    # -- notifications --
+    def add_listener(self, folder_id: int, listener: Callable[[int], None]) -> None:
+        self._listeners[folder_id].add(listener)
+
+    def remove_listener(self, folder_id: int, listener: Callable[[int], None]) -> None:
+        self._listeners.get(folder_id, set()).discard(listener)
+
+    def notify(self, folder_id: int) -> None:
+        """Tell this process's IDLE sessions that `folder_id` has new messages."""
+        for listener in list(self._listeners.get(folder_id, ())):
+            try:
+                listener(folder_id)
+            except Exception:  # noqa: BLE001 - one broken session must not stop delivery
+                log.exception("event=listener_failed folder=%s", folder_id)

@@ -1,0 +1,71 @@
+"""The mailbox store as the IMAP server sees it.
+
+A *mailbox* (boîte aux lettres, BAL) is an address of the directory (PER, ORG, APP or CAB); it holds
+IMAP *folders* (INBOX always exists).  Message bodies are immutable blobs; a folder entry points to one.
+Reads are synchronous (cheap, local); writes are coroutines committed by the single database writer, so
+they are durable when they return.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable, Literal, Protocol
+
+FlagMode = Literal["set", "add", "remove"]
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    id: int
+    mailbox_id: int
+    name: str  # "INBOX" for the inbox, otherwise as created (hierarchy delimiter "/")
+    uidvalidity: int
+    uidnext: int
+    exists: int
+    unseen: int
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    uid: int
+    size: int
+    internaldate: dt.datetime  # timezone-aware, UTC
+    flags: frozenset[str]  # IMAP flags as sent by clients, e.g. "\\Seen", "$Label1"
+    blob: str  # content address of the raw RFC 5322 bytes
+
+
+class NewMessageListener(Protocol):
+    def __call__(self, folder_id: int) -> None: ...
+
+
+class MailStore(Protocol):
+    # -- reads (synchronous) --
+    def list_folders(self, mailbox_id: int) -> list[FolderInfo]: ...
+    def get_folder(self, mailbox_id: int, name: str) -> FolderInfo | None:
+        """Folder by name; "INBOX" matches case-insensitively (RFC 3501 §5.1)."""
+    def messages(self, folder_id: int) -> list[StoredMessage]:
+        """All messages of a folder in UID order (sequence number = index + 1)."""
+    def read_blob(self, blob: str) -> bytes:
+        """The exact bytes of a message as delivered or appended."""
+
+    # -- writes (durable when the coroutine returns) --
+    def create_folder(self, mailbox_id: int, name: str) -> Awaitable[FolderInfo]: ...
+    def delete_folder(self, folder_id: int) -> Awaitable[None]: ...
+    def rename_folder(self, folder_id: int, new_name: str) -> Awaitable[None]: ...
+    def append(self, folder_id: int, raw: bytes, flags: Iterable[str],
+               internaldate: dt.datetime | None) -> Awaitable[int]:
+        """Store a new message; returns its UID."""
+    def set_flags(self, folder_id: int, uids: Iterable[int], flags: Iterable[str],
+                  mode: FlagMode) -> Awaitable[dict[int, frozenset[str]]]:
+        """Change flags; returns the new flags of every message touched."""
+    def expunge(self, folder_id: int, uids: Iterable[int] | None = None) -> Awaitable[list[int]]:
+        """Remove messages flagged \\Deleted (only among `uids` when given); returns removed UIDs."""
+    def copy(self, folder_id: int, uids: Iterable[int], dest_folder_id: int) -> Awaitable[list[tuple[int, int]]]:
+        """Copy; returns (source uid, destination uid) pairs."""
+    def move(self, folder_id: int, uids: Iterable[int], dest_folder_id: int) -> Awaitable[list[tuple[int, int]]]:
+        """Copy then remove atomically (RFC 6851); returns (source uid, destination uid) pairs."""
+
+    # -- notifications (IDLE) --
+    def add_listener(self, folder_id: int, listener: Callable[[int], None]) -> None: ...
+    def remove_listener(self, folder_id: int, listener: Callable[[int], None]) -> None: ...

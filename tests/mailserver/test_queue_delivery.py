@@ -1,0 +1,129 @@
+"""The writer's group commit, the durable queue, exactly-once local delivery and the audit chain."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from directory.identifiers import PrincipalKind
+from directory.model import MailboxType
+from directory.store import DirectoryStore
+from mailserver import audit
+from mailserver.audit_api import AuditEvent
+from mailserver.blobs import BlobStore
+from mailserver.db import Writer
+from mailserver.delivery import LocalDelivery, deliver_due_in
+from mailserver.queue import Envelope, Queue, Recipient
+from mailserver.schema import audit_log, messages, queue_recipients
+from mailserver.store import SqlMailStore
+
+DOMAIN = "caducee.test"
+
+
+def _directory(read: sa.Engine, writer: Writer) -> DirectoryStore:
+    d = DirectoryStore(writer.engine)
+    p = d.add_principal(PrincipalKind.PERSON, "810001234565", "Camille Martin")
+    d.add_mailbox(f"camille@{DOMAIN}", MailboxType.PER, p)
+    q = d.add_principal(PrincipalKind.PERSON, "810002345675", "Louis Bernard")
+    d.add_mailbox(f"louis@{DOMAIN}", MailboxType.PER, q)
+    return DirectoryStore(read)
+
+
+def test_group_commit_batches_concurrent_jobs(engines: tuple[sa.Engine, Writer]) -> None:
+    read, writer = engines
+
+    async def main() -> list[int]:
+        def job(i: int):  # type: ignore[no-untyped-def]
+            return lambda conn: (audit.append_in(conn, AuditEvent.ADMIN, actor=f"a{i}"), i)[1]
+
+        return await asyncio.gather(*(writer.run(job(i)) for i in range(300)))
+
+    results = asyncio.run(main())
+    assert results == list(range(300))
+    assert writer.jobs == 300
+    assert writer.batches < 300  # several jobs shared one commit
+    with read.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar() == 300
+
+
+def test_failed_job_does_not_sink_its_batch(engines: tuple[sa.Engine, Writer]) -> None:
+    read, writer = engines
+
+    def bad(conn: sa.Connection) -> None:
+        audit.append_in(conn, AuditEvent.ADMIN, actor="bad")
+        raise ValueError("boom")
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            writer.run(lambda c: audit.append_in(c, AuditEvent.ADMIN, actor="good1")),
+            writer.run(bad),
+            writer.run(lambda c: audit.append_in(c, AuditEvent.ADMIN, actor="good2")),
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], ValueError)
+    with read.connect() as conn:
+        actors = conn.execute(sa.select(audit_log.c.actor).order_by(audit_log.c.seq)).scalars().all()
+    assert actors == ["good1", "good2"]
+    assert audit.verify(read) == (2, None)
+
+
+def test_enqueue_then_deliver_exactly_once(engines: tuple[sa.Engine, Writer], tmp_path: Path) -> None:
+    read, writer = engines
+    _directory(read, writer)
+    blobs = BlobStore(tmp_path / "blobs")
+    queue = Queue(writer, blobs)
+    store = SqlMailStore(read, writer, blobs)
+    body = b"From: camille@caducee.test\r\nTo: louis@caducee.test\r\nSubject: CR\r\n\r\nbonjour\r\n"
+    notified: list[int] = []
+
+    async def main() -> None:
+        env = Envelope(f"camille@{DOMAIN}", (Recipient(f"louis@{DOMAIN}"), Recipient(f"camille@{DOMAIN}")),
+                       principal="810001234565", header_message_id="<m1@test>")
+        qid = await queue.enqueue(env, body)
+        assert len(qid) == 24
+        delivery = LocalDelivery(queue, store, frozenset({DOMAIN}))
+        louis_inbox = store.get_folder(2, "INBOX")
+        assert louis_inbox is not None
+        store.add_listener(louis_inbox.id, notified.append)
+        first = await delivery.run_once()
+        second = await delivery.run_once()
+        assert len(first) == 2 and second == []
+
+    asyncio.run(main())
+    assert notified  # IDLE listeners heard of the delivery
+    with read.connect() as conn:
+        rows = conn.execute(sa.select(messages)).all()
+        states = conn.execute(sa.select(queue_recipients.c.state)).scalars().all()
+    assert len(rows) == 2 and {r.uid for r in rows} == {1}
+    assert set(states) == {"delivered"}
+    assert blobs.get(rows[0].blob).endswith(body)
+    events = [e.event for e in audit.entries(read)]
+    assert events.count("submit") == 1 and events.count("deliver") == 2
+    # Delivering again in a fresh transaction finds nothing: the unique queue_recipient_id holds.
+    assert writer.run_sync(lambda c: deliver_due_in(c, frozenset({DOMAIN}))) == []
+
+
+def test_audit_chain_detects_tampering(engines: tuple[sa.Engine, Writer]) -> None:
+    read, writer = engines
+    for i in range(5):
+        writer.run_sync(lambda c, i=i: audit.append_in(c, AuditEvent.LOGIN, actor=f"81000000000{i}"))
+    assert audit.verify(read) == (5, None)
+    with writer.engine.begin() as conn:
+        conn.execute(sa.update(audit_log).where(audit_log.c.seq == 3).values(actor="someone-else"))
+    count, broken = audit.verify(read)
+    assert (count, broken) == (2, 3)
+
+
+def test_blob_store_is_content_addressed(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    a = blobs.put(b"x" * 100)
+    assert blobs.put(b"x" * 100) == a
+    assert blobs.get(a) == b"x" * 100
+    assert not any((tmp_path / "tmp").iterdir())  # no temporary file left behind
+    with pytest.raises(ValueError):
+        blobs.path("../../etc/passwd")
