@@ -1,0 +1,142 @@
+"""Test helpers shipped with the package: a real `caducee serve` process on free 127.0.0.1 ports, with a
+fresh state folder (configuration, development PKI, demo identities).
+
+    with ServerProcess.create(tmp_path) as server:
+        server.port("submissions"); server.identity("PER", 0)["cert"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LISTENERS = ("submission", "submissions", "imap", "imaps")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def caducee_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "caducee", *args]
+
+
+def init_state(state: Path, *, domain: str = "caducee.localhost", ports: dict[str, int] | None = None,
+               extra_config: str = "") -> dict[str, int]:
+    """Write a configuration on free ports and run `caducee init --demo`. Returns the ports."""
+    from caducee.config import sample
+
+    ports = ports or {name: free_port() for name in LISTENERS}
+    state.mkdir(parents=True, exist_ok=True)
+    text = sample(domain)
+    for name, port in ports.items():
+        default = {"submission": 5587, "submissions": 5465, "imap": 1143, "imaps": 1993}[name]
+        text = text.replace(f'{name} = "127.0.0.1:{default}"', f'{name} = "127.0.0.1:{port}"')
+    (state / "caducee.toml").write_text(text + extra_config, encoding="utf-8")
+    subprocess.run(caducee_command("init", "--state", str(state), "--demo"), check=True,
+                   stdout=subprocess.DEVNULL)
+    return ports
+
+
+@dataclass
+class ServerProcess:
+    state: Path
+    ports: dict[str, int]
+    proc: subprocess.Popen[bytes] | None = None
+    log: list[str] = field(default_factory=list)
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def create(cls, state: Path, **kwargs: Any) -> "ServerProcess":
+        ports = init_state(state, **kwargs)
+        return cls(state, ports)
+
+    @property
+    def demo(self) -> dict[str, Any]:
+        return json.loads((self.state / "demo" / "demo.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+    def path(self, relative: str) -> str:
+        p = Path(relative)
+        return str(p if p.is_absolute() else self.state / p)
+
+    @property
+    def ca_bundle(self) -> str:
+        return self.path(self.demo["ca_bundle"])
+
+    def identity(self, mailbox_type: str, index: int = 0) -> dict[str, Any]:
+        found = [i for i in self.demo["identities"] if i["mailbox_type"] == mailbox_type]
+        ident = dict(found[index])
+        for key in ("cert", "key", "p12", "sign_cert", "sign_key", "enc_cert", "enc_key"):
+            if ident.get(key):
+                ident[key] = self.path(ident[key])
+        return ident
+
+    def port(self, name: str) -> int:
+        return self.ports[name]
+
+    def start(self, timeout: float = 30) -> "ServerProcess":
+        self._ready.clear()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(caducee_command("serve", "--state", str(self.state)),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "\n".join(self.log[-30:]))
+        return self
+
+    def _read_log(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            self.log.append(line)
+            if "event=ready" in line:
+                self._ready.set()
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then wait for a clean exit; returns the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL: the crash the queue must survive."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> "ServerProcess":
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+
+
+def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(interval)
