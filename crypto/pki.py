@@ -556,6 +556,9 @@ class DevPKI:
     def ca_cert(self, role: CaRole) -> x509.Certificate:
         return self._authorities[role].certificate
 
+    def ca_cert_path(self, role: CaRole) -> Path:
+        return self._authorities[role].cert_path
+
     def crl_path(self, role: CaRole) -> Path:
         """The PEM CRL published by one CA."""
         return self._authorities[role].crl_path

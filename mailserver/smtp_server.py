@@ -19,6 +19,7 @@ import datetime as dt
 import email.utils
 import logging
 import ssl
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from mailserver.queue import Envelope, Queue, Recipient, new_queue_id
 
 log = logging.getLogger(__name__)
 
-IDENT = "Caducée ESMTP"
+IDENT = "Caducee ESMTP"  # ASCII: it appears in the greeting and in Received fields
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,18 @@ class SubmissionSettings:
     max_message_size: int
     max_recipients: int
     timeout: float = 300
+
+
+class _LibraryNoise(logging.Filter):
+    """aiosmtpd warnings that do not apply to how it is used here."""
+
+    NOISE = ("auth_required == True but auth_require_tls == False", "Session.login_data is deprecated")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+logging.getLogger("mail.log").addFilter(_LibraryNoise())
 
 
 class SubmissionSMTP(SMTP):
@@ -156,8 +169,8 @@ class SubmissionHandler:
         log.info("event=login protocol=smtp peer=%s principal=%s", _peer(server), identity.principal.national_id)
         self.audit.record(AuditEvent.LOGIN, actor=identity.principal.national_id, protocol="smtp",
                           detail={"certificate": identity.certificate.fingerprint_sha256[:16]})
-        await server.push(str(replies.AUTH_OK))
-        return AuthResult(success=True, handled=True, auth_data=identity)
+        # On success aiosmtpd pushes `message` itself.
+        return AuthResult(success=True, handled=False, auth_data=identity, message=str(replies.AUTH_OK))
 
     async def handle_MAIL(self, server: SubmissionSMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, mail_options: list[str]) -> str:
@@ -251,8 +264,11 @@ def make_protocol_factory(handler: SubmissionHandler, tls_context: ssl.SSLContex
             auth_exclude_mechanism=["LOGIN", "PLAIN"],
         )
         if implicit_tls:
-            # The socket is TLS already; aiosmtpd cannot tell, so AUTH must not wait for STARTTLS.
-            return SubmissionSMTP(handler, implicit_tls=True, auth_require_tls=False, **common)
+            # The socket is TLS already; aiosmtpd cannot tell, so AUTH must not wait for STARTTLS. Its
+            # warning about "AUTH without TLS" is wrong here and silenced.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+                return SubmissionSMTP(handler, implicit_tls=True, auth_require_tls=False, **common)
         return SubmissionSMTP(handler, implicit_tls=False, tls_context=tls_context, require_starttls=True,
                               auth_require_tls=True, **common)
 

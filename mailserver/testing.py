@@ -56,6 +56,7 @@ class ServerProcess:
     proc: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
+    _reader: threading.Thread | None = None
 
     @classmethod
     def create(cls, state: Path, **kwargs: Any) -> "ServerProcess":
@@ -90,7 +91,8 @@ class ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(caducee_command("serve", "--state", str(self.state)),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
+        self._reader = threading.Thread(target=self._read_log, args=(self.proc,), daemon=True)
+        self._reader.start()
         if not self._ready.wait(timeout):
             self.kill()
             raise RuntimeError("server did not start:\n" + "\n".join(self.log[-30:]))
@@ -98,11 +100,16 @@ class ServerProcess:
 
     def _read_log(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            self.log.append(line)
-            if "event=ready" in line:
-                self._ready.set()
+        with proc.stderr:
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                self.log.append(line)
+                if "event=ready" in line:
+                    self._ready.set()
+
+    def _reap(self) -> None:
+        if self._reader is not None:
+            self._reader.join(10)
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM, then wait for a clean exit; returns the exit status."""
@@ -114,12 +121,15 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
             raise
+        finally:
+            self._reap()
 
     def kill(self) -> None:
         """SIGKILL: the crash the queue must survive."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+        self._reap()
 
     def __enter__(self) -> "ServerProcess":
         if self.proc is None:
