@@ -19,6 +19,7 @@ import datetime as dt
 import email.utils
 import logging
 import ssl
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -225,7 +226,12 @@ class SubmissionHandler:
 
     async def handle_exception(self, error: Exception) -> str:
         reply, ref = replies.internal_error()
-        log.error("event=smtp_exception ref=%s error=%s", ref, type(error).__name__, exc_info=error)
+        # Where it failed, never the exception's text: it may carry message or patient data.
+        where = " < ".join(
+            f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}:{frame.name}"
+            for frame in reversed(traceback.extract_tb(error.__traceback__))
+        )
+        log.error("event=smtp_exception ref=%s error=%s where=%s", ref, type(error).__name__, where)
         return str(reply)
 
     def _received_header(self, server: SubmissionSMTP, session: Session, queue_id: str) -> bytes:
@@ -262,6 +268,8 @@ def make_protocol_factory(handler: SubmissionHandler, tls_context: ssl.SSLContex
             timeout=s.timeout,
             auth_required=True,
             auth_exclude_mechanism=["LOGIN", "PLAIN"],
+            # Three AUTH attempts per connection, then 421 and close; other commands are not capped.
+            command_call_limit={"AUTH": 3, "*": 10**9},
         )
         if implicit_tls:
             # The socket is TLS already; aiosmtpd cannot tell, so AUTH must not wait for STARTTLS. Its
@@ -280,12 +288,13 @@ async def shutdown(handler: SubmissionHandler, servers: list[asyncio.base_events
     for srv in servers:
         srv.close()
     for conn in list(handler.connections):
-        if not conn.in_data and conn.transport is not None:
+        if not conn.in_data and conn.transport is not None and not conn.transport.is_closing():
             try:
                 await asyncio.wait_for(conn.push(str(replies.SHUTTING_DOWN)), 2)
-            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            except Exception:  # noqa: BLE001 - the peer may be gone already; we are closing anyway
                 pass
-            conn.transport.close()
+            if conn.transport is not None:
+                conn.transport.close()
     deadline = asyncio.get_running_loop().time() + grace
     while any(c.in_data for c in handler.connections) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)

@@ -1,0 +1,147 @@
+"""The submission server in-process: opaque internal errors, enhanced codes, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import smtplib
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from caducee.state import init_state
+from crypto.tls import server_context
+from crypto.validation import CertificateValidator
+from directory.store import DirectoryStore
+from mailserver import replies
+from mailserver.audit import AuditTrail
+from mailserver.auth import CertificateAuthenticator
+from mailserver.blobs import BlobStore
+from mailserver.db import Writer, make_engine
+from mailserver.queue import Queue
+from mailserver.smtp_server import SubmissionHandler, SubmissionSettings, make_protocol_factory, shutdown
+
+
+@dataclass
+class Running:
+    loop: asyncio.AbstractEventLoop
+    handler: SubmissionHandler
+    server: asyncio.base_events.Server
+    port: int
+    state: Path
+    demo: dict[str, Any]
+
+    def ident(self, i: int) -> dict[str, str]:
+        d = dict(self.demo["identities"][i])
+        d["cert"], d["key"] = str(self.state / d["cert"]), str(self.state / d["key"])
+        return d
+
+    def client(self, i: int = 0) -> smtplib.SMTP_SSL:
+        ctx = ssl.create_default_context(cafile=str(self.state / self.demo["ca_bundle"]))
+        ident = self.ident(i)
+        ctx.load_cert_chain(ident["cert"], ident["key"])
+        s = smtplib.SMTP_SSL("localhost", self.port, context=ctx, timeout=10)
+        s.ehlo("unit.test")
+        s.auth("EXTERNAL", lambda challenge=None: "")
+        return s
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("smtp-state")
+    init_state(path, demo=True, say=lambda _: None)
+    return path
+
+
+@pytest.fixture
+def running(state: Path) -> Iterator[Running]:
+    from caducee.config import load
+
+    cfg = load(state)
+    engine = make_engine(cfg.database_url)
+    writer = Writer(make_engine(cfg.database_url, writer=True))
+    directory = DirectoryStore(engine)
+    validator = CertificateValidator.from_files(cfg.path(cfg.tls.trust_anchors), [cfg.path(p) for p in cfg.tls.crls])
+    queue = Queue(writer, BlobStore(cfg.path(cfg.storage.blobs)))
+    settings = SubmissionSettings("localhost", frozenset(cfg.server.domains), 1_000_000, 10)
+    handler = SubmissionHandler(settings, CertificateAuthenticator(validator, directory), directory, queue,
+                                AuditTrail(writer))
+    loop = asyncio.new_event_loop()
+    tls = server_context(cfg.path(cfg.tls.certificate), cfg.path(cfg.tls.key))
+    server = loop.run_until_complete(
+        loop.create_server(make_protocol_factory(handler, tls, implicit_tls=True), "127.0.0.1", 0, ssl=tls))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    demo = json.loads((state / "demo" / "demo.json").read_text())
+    yield Running(loop, handler, server, server.sockets[0].getsockname()[1], state, demo)
+    asyncio.run_coroutine_threadsafe(shutdown(handler, [server], grace=5), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+    writer.stop()
+    engine.dispose()
+    writer.engine.dispose()
+
+
+def _message(sender: str, rcpt: str) -> bytes:
+    return f"From: {sender}\r\nTo: {rcpt}\r\nSubject: unit\r\n\r\nbody\r\n".encode()
+
+
+def test_handler_exception_answers_451_with_a_reference_and_no_detail(running: Running,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(*_a: Any, **_k: Any) -> str:
+        raise RuntimeError("secret detail: /var/lib/x patient=DUPONT")
+
+    running.handler.queue.enqueue = broken  # type: ignore[method-assign]
+    a, b = running.ident(0), running.ident(1)
+    with caplog.at_level(logging.ERROR, logger="mailserver.smtp_server"):
+        s = running.client(0)
+        with pytest.raises(smtplib.SMTPDataError) as caught:
+            s.sendmail(a["address"], [b["address"]], _message(a["address"], b["address"]))
+        assert s.noop()[0] == 250  # the session survives
+        s.quit()
+    code, text = caught.value.smtp_code, caught.value.smtp_error.decode()
+    assert code == 451 and text.startswith("4.3.0 Internal error, reference ")
+    assert "secret" not in text and "DUPONT" not in text
+    ref = text.rsplit(" ", 1)[1]
+    assert any(f"ref={ref}" in r.getMessage() for r in caplog.records)
+    assert all("DUPONT" not in r.getMessage() for r in caplog.records)
+
+
+def test_shutdown_lets_data_finish_and_sends_421_to_idle_sessions(running: Running) -> None:
+    a, b = running.ident(0), running.ident(1)
+    idle = running.client(0)
+    busy = running.client(0)
+    busy.mail(a["address"])
+    busy.rcpt(b["address"])
+    busy.putcmd("data")
+    assert busy.getreply()[0] == 354
+    busy.send(_message(a["address"], b["address"])[:20])  # inside DATA when the shutdown starts
+    fut = asyncio.run_coroutine_threadsafe(shutdown(running.handler, [running.server], grace=10), running.loop)
+    code, _ = idle.getreply()  # the unsolicited 421
+    assert code == 421
+    busy.send(_message(a["address"], b["address"])[20:] + b".\r\n")
+    code, text = busy.getreply()
+    assert code == 250 and b"queued as" in text
+    fut.result(15)
+    idle.close()
+    busy.close()
+
+
+@pytest.mark.parametrize("line,expected", [
+    ("530 Must issue a STARTTLS command first", "530 5.7.0 Must issue a STARTTLS command first"),
+    ("552 Error: Too much mail data", "552 5.3.4 Message too big for system"),
+    ("503 Error: need MAIL command", "503 5.5.1 need MAIL command"),
+    ("250 OK", "250 2.0.0 OK"),
+    ("220 host ESMTP", "220 host ESMTP"),
+    ("250-SIZE 100", "250-SIZE 100"),
+    ("550 5.7.1 Relaying denied", "550 5.7.1 Relaying denied"),
+])
+def test_library_replies_get_enhanced_codes(line: str, expected: str) -> None:
+    assert replies.with_enhanced_code(line) == expected
