@@ -157,9 +157,11 @@ async def stop(node: Node) -> None:
         await _from_deferred(port.stopListening())
     await shutdown(node.parts["smtp_handler"], node.smtp_servers)
     await node.parts["delivery"].stop()
-    await asyncio.to_thread(node.parts["writer"].stop)
+    writer = node.parts["writer"]
+    await asyncio.to_thread(writer.stop)
     node.parts["read_engine"].dispose()
-    log.info("event=stopped")
+    log.info("event=stopped accepted=%d delivered=%d db_jobs=%d db_commits=%d",
+             node.parts["smtp_handler"].accepted, node.parts["delivery"].delivered, writer.jobs, writer.batches)
 
 
 async def _from_deferred(d: Any) -> Any:

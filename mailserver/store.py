@@ -45,16 +45,27 @@ def _canonical_name(name: str) -> str:
 
 
 def folder_id_in(conn: sa.Connection, mailbox_id: int, name: str, *, create: bool = True) -> int | None:
-    """The id of a folder, created on demand (INBOX always exists for a delivered message)."""
+    """The id of a folder, created on demand (INBOX always exists for a delivered message).
+
+    Creation is race-free across nodes: INSERT … ON CONFLICT DO NOTHING, then read back.
+    """
     name = _canonical_name(name)
-    fid = conn.execute(
-        sa.select(folders.c.id).where(folders.c.mailbox_id == mailbox_id, folders.c.name == name)
-    ).scalar()
+    query = sa.select(folders.c.id).where(folders.c.mailbox_id == mailbox_id, folders.c.name == name)
+    fid = conn.execute(query).scalar()
     if fid is None and create:
-        fid = conn.execute(
-            sa.insert(folders).values(mailbox_id=mailbox_id, name=name, uidvalidity=_new_uidvalidity(), uidnext=1)
-        ).inserted_primary_key[0]
+        insert = _dialect_insert(conn)(folders).values(
+            mailbox_id=mailbox_id, name=name, uidvalidity=_new_uidvalidity(), uidnext=1)
+        conn.execute(insert.on_conflict_do_nothing(index_elements=["mailbox_id", "name"]))
+        fid = conn.execute(query).scalar()
     return fid
+
+
+def _dialect_insert(conn: sa.Connection):  # type: ignore[no-untyped-def]
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
 
 
 def _new_uidvalidity() -> int:
