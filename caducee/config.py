@@ -49,7 +49,7 @@ class ListenConfig:
 
 @dataclass(frozen=True)
 class TlsConfig:
-    certificate: Path = Path("pki/server/server.pem")
+    certificate: Path = Path("pki/server/server-fullchain.pem")
     key: Path = Path("pki/server/server.key")
     trust_anchors: Path = Path("pki/ca-bundle.pem")
     crls: tuple[Path, ...] = (
@@ -246,7 +246,7 @@ imap = "{lst.imap}"                 # IMAP, STARTTLS required before AUTHENTICAT
 imaps = "{lst.imaps}"               # IMAP, implicit TLS
 
 [tls]
-# The node's certificate and key (PEM). TLS 1.2 and 1.3 only, AEAD suites only.
+# The node's certificate with its chain, and its key (PEM). TLS 1.2 and 1.3 only, AEAD suites only.
 certificate = "{d.tls.certificate}"
 key = "{d.tls.key}"
 # Certification authorities whose certificates may log in (roots and intermediates, PEM).

@@ -84,7 +84,7 @@ def init_state(
             [cfg.server.hostname, "localhost", *cfg.server.domains],
             ["127.0.0.1", "::1"],
             cert_path.parent,
-            cert_path.stem,
+            "server",
             structure_id=cfg.server.structure_id,
             organisation=cfg.server.organisation,
         )

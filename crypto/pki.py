@@ -46,6 +46,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -139,11 +140,11 @@ class _Revocation:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def _ascii_upper(text: str) -> str:
-    """"Caducée" → "CADUCEE": CA names in IGC-Santé style are upper-case ASCII."""
+    """ "Caducée" → "CADUCEE": CA names in IGC-Santé style are upper-case ASCII."""
     decomposed = unicodedata.normalize("NFKD", text)
     stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
     return re.sub(r"\s+", " ", stripped.encode("ascii", "ignore").decode("ascii")).strip().upper()
@@ -160,7 +161,7 @@ def _is_host_name(name: str) -> bool:
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``rename(2)``; readers never see a torn file."""
+    """Write ``data`` to ``path`` via a temporary file and ``rename(2)``: readers never see a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -188,8 +189,11 @@ def _pem_private_key(key: rsa.RSAPrivateKey) -> bytes:
     )
 
 
-def _spki(public_key: x509.CertificatePublicKeyTypes) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+def _spki(public_key: CertificatePublicKeyTypes) -> bytes:
+    der: bytes = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
 
 
 def _load_certificate_file(path: Path) -> x509.Certificate:
@@ -226,7 +230,7 @@ class DevPKI:
         self._crl_validity = crl_validity
         self._thread_lock = threading.RLock()
 
-    # ------------------------------------------------------------------ creation and loading
+    # -------------------- creation and loading
 
     @classmethod
     def create_or_load(
@@ -260,12 +264,16 @@ class DevPKI:
         with cls._directory_lock(pki_dir):
             registry_path = pki_dir / "registry.json"
             if registry_path.exists():
-                return cls._load(pki_dir, organisation, leaf_key_size=leaf_key_size, crl_validity=crl_validity)
-            leftovers = [p for p in (pki_dir / "ca", pki_dir / "crl", pki_dir / "ca-bundle.pem") if p.exists()]
+                return cls._load(
+                    pki_dir, organisation, leaf_key_size=leaf_key_size, crl_validity=crl_validity
+                )
+            leftovers = [
+                p for p in (pki_dir / "ca", pki_dir / "crl", pki_dir / "ca-bundle.pem") if p.exists()
+            ]
             if leftovers:
                 raise RuntimeError(
-                    f"PKI directory {pki_dir} holds CA material but no registry.json (interrupted creation?); "
-                    "refusing to overwrite it — remove the directory to start again"
+                    f"PKI directory {pki_dir} holds CA material but no registry.json (interrupted "
+                    "creation?); refusing to overwrite it — remove the directory to start again"
                 )
             return cls._create(
                 pki_dir,
@@ -462,18 +470,25 @@ class DevPKI:
     ) -> DevPKI:
         registry = json.loads((pki_dir / "registry.json").read_text(encoding="utf-8"))
         if registry.get("format") != REGISTRY_FORMAT:
-            raise RuntimeError(f"{pki_dir / 'registry.json'}: unsupported registry format {registry.get('format')!r}")
+            raise RuntimeError(
+                f"{pki_dir / 'registry.json'}: unsupported registry format {registry.get('format')!r}"
+            )
         organisation = str(registry["organisation"])
         if requested_organisation.strip() != organisation:
             log.warning(
-                "PKI in %s was created for organisation %r; ignoring %r", pki_dir, organisation, requested_organisation
+                "PKI in %s was created for organisation %r; ignoring %r",
+                pki_dir,
+                organisation,
+                requested_organisation,
             )
         authorities: dict[CaRole, _Authority] = {}
         for role in CaRole:
             cert_path, key_path, crl_path = cls._paths(pki_dir, role)
             if not key_path.is_file():
                 raise RuntimeError(f"PKI directory {pki_dir} is missing {key_path.name}")
-            authorities[role] = _Authority(role, _load_certificate_file(cert_path), cert_path, key_path, crl_path)
+            authorities[role] = _Authority(
+                role, _load_certificate_file(cert_path), cert_path, key_path, crl_path
+            )
         for role in (CaRole.PERSONS, CaRole.ORGANISATIONS):
             authorities[role].certificate.verify_directly_issued_by(authorities[CaRole.ROOT].certificate)
         return cls(pki_dir, organisation, authorities, leaf_key_size=leaf_key_size, crl_validity=crl_validity)
@@ -492,7 +507,7 @@ class DevPKI:
                 key = self._private_keys[role] = loaded
             return key
 
-    # ------------------------------------------------------------------ registry
+    # -------------------- registry
 
     def _read_registry(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self._dir / "registry.json").read_text(encoding="utf-8"))
@@ -513,7 +528,7 @@ class DevPKI:
             for serial_hex, entry in registry["revoked"].items()
         }
 
-    # ------------------------------------------------------------------ properties
+    # -------------------- properties
 
     @property
     def pki_dir(self) -> Path:
@@ -567,7 +582,7 @@ class DevPKI:
         """The CRLs of all three CAs (root first), as a validator's ``crl_files``."""
         return [self._authorities[role].crl_path for role in CaRole]
 
-    # ------------------------------------------------------------------ issuance
+    # -------------------- issuance
 
     def issue_person(
         self,
@@ -648,7 +663,9 @@ class DevPKI:
         elif _is_host_name(common_name):
             san = [x509.DNSName(common_name.lower())]
         else:
-            raise ValueError("an organisation certificate needs a SAN: give an email or a host name as common_name")
+            raise ValueError(
+                "an organisation certificate needs a SAN: give an email or a host name as common_name"
+            )
         return self._issue(
             CaRole.ORGANISATIONS,
             subject,
@@ -708,7 +725,11 @@ class DevPKI:
 
     @staticmethod
     def _organisation_subject(structure_id: str, organisation: str, common_name: str) -> x509.Name:
-        for label, value in (("structure_id", structure_id), ("organisation", organisation), ("common_name", common_name)):
+        for label, value in (
+            ("structure_id", structure_id),
+            ("organisation", organisation),
+            ("common_name", common_name),
+        ):
             if not value.strip():
                 raise ValueError(f"{label} must not be empty")
         return x509.Name(
@@ -775,7 +796,9 @@ class DevPKI:
         p12_path = out_dir / f"{basename}.p12" if p12_password is not None else None
         _atomic_write(key_path, _pem_private_key(key), _PRIVATE_MODE)
         _atomic_write(cert_path, _pem_certificate(cert), _PUBLIC_MODE)
-        _atomic_write(chain_path, _pem_certificate(cert) + _pem_certificate(authority.certificate), _PUBLIC_MODE)
+        _atomic_write(
+            chain_path, _pem_certificate(cert) + _pem_certificate(authority.certificate), _PUBLIC_MODE
+        )
         if p12_path is not None and p12_password is not None:
             friendly = subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
             p12 = pkcs12.serialize_key_and_certificates(
@@ -805,15 +828,18 @@ class DevPKI:
             certificate=cert,
         )
 
-    # ------------------------------------------------------------------ revocation
+    # -------------------- revocation
 
     def revoke(
         self,
         serial_or_cert_path: int | str | os.PathLike[str],
         reason: x509.ReasonFlags = x509.ReasonFlags.key_compromise,
     ) -> Path:
-        """Revoke a certificate (by serial number, or by the path of its PEM/DER file) and republish the CRL
-        of its issuing CA with the next CRL number. Returns that CRL's path.
+        """Revoke a certificate and republish the CRL of its issuing CA with the next CRL number.
+
+        The certificate is named by its serial number (an ``int``, or a ``str`` in hexadecimal as printed
+        by ``openssl x509 -serial``, colons allowed) or by the path of its PEM/DER file (a ``Path``, or a
+        ``str`` naming an existing file). Returns the path of the republished CRL.
 
         Revoking an already revoked certificate changes nothing. An intermediate CA is revoked in the
         root's CRL; the root cannot be revoked. ``removeFromCRL`` is only meaningful in delta CRLs
@@ -821,16 +847,28 @@ class DevPKI:
         """
         if reason is x509.ReasonFlags.remove_from_crl:
             raise ValueError("removeFromCRL only appears in delta CRLs")
+        target: int | Path
+        if isinstance(serial_or_cert_path, int):
+            target = serial_or_cert_path
+        elif isinstance(serial_or_cert_path, str) and not Path(serial_or_cert_path).is_file():
+            text = serial_or_cert_path.strip().replace(":", "").removeprefix("0x").removeprefix("0X")
+            if not text or not re.fullmatch(r"[0-9A-Fa-f]+", text):
+                raise FileNotFoundError(
+                    f"no certificate file and not a hexadecimal serial: {serial_or_cert_path}"
+                )
+            target = int(text, 16)
+        else:
+            target = Path(serial_or_cert_path)
         with self._locked():
             registry = self._read_registry()
-            if isinstance(serial_or_cert_path, int):
-                serial = serial_or_cert_path
+            if isinstance(target, int):
+                serial = target
                 entry = registry["certificates"].get(format(serial, "x"))
                 if entry is None:
                     raise KeyError(f"serial {serial:X} was not issued by this PKI")
                 issuer = CaRole(entry["issuer"])
             else:
-                cert = _load_certificate_file(Path(serial_or_cert_path))
+                cert = _load_certificate_file(target)
                 serial = cert.serial_number
                 issuer = self._issuer_of(cert)
             if serial == self.root_cert.serial_number and issuer is CaRole.ROOT:
@@ -897,7 +935,11 @@ class DevPKI:
         for serial, revocation in sorted(self._revocations(registry).items()):
             if revocation.issuer is not role:
                 continue
-            entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(revocation.revocation_date)
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(revocation.revocation_date)
+            )
             # RFC 5280 §5.3.1: the reasonCode "unspecified" SHOULD be absent rather than present.
             if revocation.reason is not x509.ReasonFlags.unspecified:
                 entry = entry.add_extension(x509.CRLReason(revocation.reason), critical=False)
@@ -910,8 +952,8 @@ class DevPKI:
 def _as_utc(moment: dt.datetime) -> dt.datetime:
     """A naive datetime is taken as UTC; an aware one is converted."""
     if moment.tzinfo is None:
-        return moment.replace(tzinfo=dt.timezone.utc)
-    return moment.astimezone(dt.timezone.utc)
+        return moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC)
 
 
 def _key_usage(

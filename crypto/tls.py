@@ -17,6 +17,7 @@ through :mod:`ctypes`; pyOpenSSL (used by Twisted) offers the callback natively.
 
 from __future__ import annotations
 
+import _ssl
 import ctypes
 import functools
 import logging
@@ -27,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-import _ssl
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator, ISSLTransport
@@ -75,8 +75,7 @@ _SSL_VERIFY_NONE: Final = 0x00
 _SSL_VERIFY_PEER: Final = 0x01
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Python ssl (asyncio, aiosmtpd, outbound clients)
+# -------------------- Python ssl (asyncio, aiosmtpd, outbound clients)
 
 
 def _apply_profile(ctx: ssl.SSLContext) -> None:
@@ -143,8 +142,7 @@ def peer_certificate_der(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> bytes | N
     return der or None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The ctypes patch: "request a client certificate, accept any" for Python's ssl module.
+# -------------------- the ctypes patch: "request a client certificate, accept any" for ssl
 
 _VerifyCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
 
@@ -222,8 +220,11 @@ def _libssl() -> _LibSSL:
             continue
         version = lib.OpenSSL_version_num()
         if version != ssl.OPENSSL_VERSION_NUMBER:
-            errors.append(f"{origin}: OpenSSL {version:#x} is not the ssl module's {ssl.OPENSSL_VERSION_NUMBER:#x}")
+            errors.append(
+                f"{origin}: OpenSSL {version:#x} is not the ssl module's {ssl.OPENSSL_VERSION_NUMBER:#x}"
+            )
             continue
+        log.debug("OpenSSL %#x symbols resolved through the %s", version, origin)
         return lib
     raise RuntimeError("cannot locate the libssl used by the ssl module: " + "; ".join(errors))
 
@@ -297,8 +298,7 @@ def accept_any_client_certificate(ctx: ssl.SSLContext) -> None:
         raise RuntimeError("the verify callback was not installed on the TLS context")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# pyOpenSSL / Twisted (IMAP4 STARTTLS, listenSSL)
+# -------------------- pyOpenSSL / Twisted (IMAP4 STARTTLS, listenSSL)
 
 
 def _accept_any_pyopenssl(
@@ -315,7 +315,10 @@ def _pyopenssl_server_context(cert_file: Path, key_file: Path) -> SSL.Context:
     context.set_cipher_list(_CIPHER_STRING.encode("ascii"))
     context.set_tls13_ciphersuites(_TLS13_STRING.encode("ascii"))
     context.set_options(
-        SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION | SSL.OP_SINGLE_ECDH_USE
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_SINGLE_ECDH_USE
     )
     context.use_certificate_chain_file(os.fspath(cert_file))
     context.use_privatekey_file(os.fspath(key_file))

@@ -21,7 +21,7 @@ that the protocol can answer ``535 5.7.8`` (RFC 4954) or ``NO [AUTHENTICATIONFAI
 A person certificate carries the national id (``8`` + RPPS) in the subject ``serialNumber``; an
 organisation certificate the structure id in the subject ``OU``.
 
-Steps 1–5 depend only on the certificate, the trust store and the time; their outcome is cached per
+Steps 1 to 5 depend only on the certificate, the trust store and the time; their outcome is cached per
 certificate (bounded LRU) together with the chain's validity window, so a returning client costs a hash,
 a dictionary lookup and the revocation check, which is never cached.
 """
@@ -136,7 +136,9 @@ class _TrustedCrl:
     source: Path
 
     def newer_than(self, other: _TrustedCrl) -> bool:
-        return ((self.number or -1), self.this_update) > ((other.number or -1), other.this_update)
+        mine = -1 if self.number is None else self.number
+        theirs = -1 if other.number is None else other.number
+        return (mine, self.this_update) > (theirs, other.this_update)
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,8 @@ class _CrlFile:
 
 def _as_utc(moment: dt.datetime) -> dt.datetime:
     if moment.tzinfo is None:
-        return moment.replace(tzinfo=dt.timezone.utc)
-    return moment.astimezone(dt.timezone.utc)
+        return moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC)
 
 
 def _log_safe(text: str) -> str:
@@ -190,7 +192,7 @@ def _oid_label(oid: x509.ObjectIdentifier) -> str:
 
 
 def _key_identifier(cert: x509.Certificate) -> bytes:
-    """The certificate's subjectKeyIdentifier, or the RFC 5280 §4.2.1.2 method (1) value computed from its key."""
+    """The subjectKeyIdentifier, or its RFC 5280 §4.2.1.2 method (1) value computed from the key."""
     try:
         return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     except x509.ExtensionNotFound:
@@ -267,7 +269,7 @@ class CertificateValidator:
     def anchors(self) -> tuple[x509.Certificate, ...]:
         return self._anchors
 
-    # ------------------------------------------------------------------ validation
+    # -------------------- validation
 
     def validate(
         self,
@@ -281,7 +283,7 @@ class CertificateValidator:
         Raises :class:`CertificateRejected`. Blocking but short: at most one chain build (a few hundred
         microseconds), no I/O beyond a ``stat`` of each CRL file (and a re-read of those that changed).
         """
-        moment = _as_utc(now) if now is not None else dt.datetime.now(dt.timezone.utc)
+        moment = _as_utc(now) if now is not None else dt.datetime.now(dt.UTC)
         data = bytes(leaf_der) if isinstance(leaf_der, (bytes, bytearray, memoryview)) else b""
         digest = hashlib.sha256(data).digest()
         cache_key = (digest, usage.dotted_string)
@@ -358,7 +360,9 @@ class CertificateValidator:
             _ = leaf.extensions
             _ = leaf.subject
         except ValueError as exc:
-            raise CertificateRejected(RejectReason.MALFORMED, f"unparseable certificate: {_log_safe(str(exc))}")
+            raise CertificateRejected(
+                RejectReason.MALFORMED, f"unparseable certificate: {_log_safe(str(exc))}"
+            ) from None
         return leaf
 
     @staticmethod
@@ -404,7 +408,9 @@ class CertificateValidator:
     def _classify(exc: VerificationError, serial_text: str) -> CertificateRejected:
         message = _log_safe(str(exc))
         if "not valid at validation time" in message:
-            return CertificateRejected(RejectReason.EXPIRED, f"certificate {serial_text}: a CA of its chain is {message}")
+            return CertificateRejected(
+                RejectReason.EXPIRED, f"certificate {serial_text}: a CA of its chain is {message}"
+            )
         if "EKU" in message:
             return CertificateRejected(RejectReason.WRONG_USAGE, f"certificate {serial_text}: {message}")
         return CertificateRejected(RejectReason.UNTRUSTED, f"certificate {serial_text}: {message}")
@@ -439,7 +445,8 @@ class CertificateValidator:
             what = "certificate" if depth == 0 else "CA certificate"
             raise CertificateRejected(
                 RejectReason.REVOKED,
-                f"{what} {serial_text} revoked ({reason.value if reason else 'unspecified'}) per CRL {crl.number}",
+                f"{what} {serial_text} revoked ({reason.value if reason else 'unspecified'})"
+                f" per CRL {crl.number}",
             )
 
     @staticmethod
@@ -448,8 +455,9 @@ class CertificateValidator:
         if serial_numbers:
             kind, attributes = CertificateKind.PERSON, serial_numbers
         else:
-            kind, attributes = CertificateKind.ORGANISATION, leaf.subject.get_attributes_for_oid(
-                NameOID.ORGANIZATIONAL_UNIT_NAME
+            kind, attributes = (
+                CertificateKind.ORGANISATION,
+                leaf.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME),
             )
         values = {str(attribute.value).strip() for attribute in attributes}
         if len(values) != 1 or not next(iter(values)):
@@ -459,7 +467,7 @@ class CertificateValidator:
             )
         return kind, values.pop()
 
-    # ------------------------------------------------------------------ CRLs
+    # -------------------- CRLs
 
     def _refresh_crls(self) -> Mapping[tuple[bytes, bytes], _TrustedCrl]:
         """Reload changed CRL files and return the index CA → best valid CRL."""
@@ -502,7 +510,12 @@ class CertificateValidator:
             previous = {crl.ca_key: crl for crl in crl_file.crls}
             for crl in crls:
                 old = previous.get(crl.ca_key)
-                if old is not None and old.number is not None and crl.number is not None and crl.number < old.number:
+                if (
+                    old is not None
+                    and old.number is not None
+                    and crl.number is not None
+                    and crl.number < old.number
+                ):
                     raise _CrlError(f"CRL number went backwards ({crl.number} < {old.number})")
         except (OSError, _CrlError) as exc:
             log.warning(
@@ -550,7 +563,9 @@ class CertificateValidator:
                     or idp.indirect_crl
                 ):
                     raise _CrlError("partitioned or indirect CRLs are not supported")
-            elif extension.critical and not isinstance(extension.value, (x509.CRLNumber, x509.AuthorityKeyIdentifier)):
+            elif extension.critical and not isinstance(
+                extension.value, (x509.CRLNumber, x509.AuthorityKeyIdentifier)
+            ):
                 raise _CrlError(f"unsupported critical CRL extension {extension.oid.dotted_string}")
         key_id: bytes | None = None
         for extension in extensions:
@@ -592,4 +607,3 @@ def _revocation_reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | Non
         return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
     except (x509.ExtensionNotFound, ValueError):
         return None
-

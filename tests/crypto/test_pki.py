@@ -8,6 +8,7 @@ import stat
 import subprocess
 import threading
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from cryptography import x509
@@ -46,7 +47,10 @@ def openssl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([OPENSSL, *args], capture_output=True, text=True, timeout=30, check=False)
 
 
-def ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extension[x509.ExtensionType]:
+ExtensionT = TypeVar("ExtensionT", bound=x509.ExtensionType)
+
+
+def ext(cert: x509.Certificate, kind: type[ExtensionT]) -> x509.Extension[ExtensionT]:
     return cert.extensions.get_extension_for_class(kind)
 
 
@@ -59,7 +63,7 @@ def issue_auth(pki: DevPKI, out_dir: Path, basename: str, **kwargs: object) -> I
     return pki.issue_person(NATIONAL_ID, "Anne", "Martin", EMAIL, CertUsage.AUTH, out_dir, basename, **kwargs)  # type: ignore[arg-type]
 
 
-# ----------------------------------------------------------------------------------------- creation
+# -------------------- creation
 
 
 def test_create_or_load_is_idempotent_and_rewrites_nothing(tmp_path: Path) -> None:
@@ -121,7 +125,10 @@ def test_hierarchy(pki: DevPKI) -> None:
         usage = ext(cert, x509.KeyUsage)
         assert usage.critical and usage.value.key_cert_sign and usage.value.crl_sign
         assert not usage.value.digital_signature
-        assert ext(cert, x509.AuthorityKeyIdentifier).value.key_identifier == ext(root, x509.SubjectKeyIdentifier).value.digest
+        assert (
+            ext(cert, x509.AuthorityKeyIdentifier).value.key_identifier
+            == ext(root, x509.SubjectKeyIdentifier).value.digest
+        )
     assert ext(root, x509.BasicConstraints).value.path_length == 1
     for intermediate in (persons, organisations):
         intermediate.verify_directly_issued_by(root)
@@ -157,7 +164,7 @@ def test_initial_crls_verify_with_openssl(tmp_path: Path) -> None:
         assert aki == ext(pki.ca_cert(role), x509.SubjectKeyIdentifier).value.digest
 
 
-# ----------------------------------------------------------------------------------------- persons
+# -------------------- persons
 
 
 def test_person_subject_carries_the_national_id(pki: DevPKI, out_dir: Path) -> None:
@@ -171,7 +178,9 @@ def test_person_subject_carries_the_national_id(pki: DevPKI, out_dir: Path) -> N
     assert subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "Caducée"
     assert issued.subject_dn == subject.rfc4514_string()
     assert issued.serial == issued.certificate.serial_number
-    assert ext(issued.certificate, x509.SubjectAlternativeName).value.get_values_for_type(x509.RFC822Name) == [EMAIL]
+    assert ext(issued.certificate, x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.RFC822Name
+    ) == [EMAIL]
     assert issued.certificate.issuer == pki.persons_ca_cert.subject
     issued.certificate.verify_directly_issued_by(pki.persons_ca_cert)
     key = issued.certificate.public_key()
@@ -182,7 +191,9 @@ def test_person_subject_carries_the_national_id(pki: DevPKI, out_dir: Path) -> N
 
 def test_person_organisation_can_be_overridden(pki: DevPKI, out_dir: Path) -> None:
     issued = issue_auth(pki, out_dir, "person-org", organisation="CH Exemple")
-    assert issued.certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "CH Exemple"
+    assert (
+        issued.certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "CH Exemple"
+    )
 
 
 @pytest.mark.parametrize(
@@ -199,13 +210,21 @@ def test_person_key_usages(
     issued = pki.issue_person(NATIONAL_ID, "Anne", "Martin", EMAIL, usage, out_dir, f"usage-{usage.value}")
     key_usage = ext(issued.certificate, x509.KeyUsage)
     assert key_usage.critical
-    all_flags = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment", "key_agreement", "key_cert_sign", "crl_sign")
+    all_flags = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+    )
     assert {flag for flag in all_flags if getattr(key_usage.value, flag)} == flags
     assert set(ext(issued.certificate, x509.ExtendedKeyUsage).value) == ekus
 
 
 def test_validity_defaults(pki: DevPKI, out_dir: Path) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = issue_auth(pki, out_dir, "validity").certificate
     assert now - dt.timedelta(minutes=10) < cert.not_valid_before_utc < now - dt.timedelta(minutes=3)
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
@@ -213,8 +232,8 @@ def test_validity_defaults(pki: DevPKI, out_dir: Path) -> None:
 
 
 def test_expired_certificate_can_be_issued(pki: DevPKI, out_dir: Path) -> None:
-    start = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
-    end = dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    end = dt.datetime(2021, 1, 1, tzinfo=dt.UTC)
     cert = issue_auth(pki, out_dir, "expired", not_before=start, not_after=end).certificate
     assert (cert.not_valid_before_utc, cert.not_valid_after_utc) == (start, end)
     with pytest.raises(ValueError, match="later"):
@@ -249,7 +268,9 @@ def test_files_and_pkcs12(pki: DevPKI, out_dir: Path) -> None:
 @needs_openssl
 def test_pkcs12_opens_with_openssl(pki: DevPKI, out_dir: Path) -> None:
     issued = issue_auth(pki, out_dir, "p12-openssl", p12_password=b"pass phrase")
-    result = openssl("pkcs12", "-in", str(issued.p12_path), "-passin", "pass:pass phrase", "-nokeys", "-clcerts")
+    result = openssl(
+        "pkcs12", "-in", str(issued.p12_path), "-passin", "pass:pass phrase", "-nokeys", "-clcerts"
+    )
     assert result.returncode == 0, result.stderr
     assert x509.load_pem_x509_certificates(result.stdout.encode())[0] == issued.certificate
 
@@ -265,7 +286,7 @@ def test_bad_inputs_are_refused(pki: DevPKI, out_dir: Path) -> None:
         pki.issue_server(["not a host"], [], out_dir, "x", structure_id="3", organisation="O")
 
 
-# ----------------------------------------------------------------------------------------- organisations
+# -------------------- organisations
 
 
 def test_organisation_certificate(pki: DevPKI, out_dir: Path) -> None:
@@ -307,18 +328,29 @@ def test_server_certificate(pki: DevPKI, out_dir: Path) -> None:
     san = ext(cert, x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["mx.caducee.test", "localhost"]
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
-    assert set(ext(cert, x509.ExtendedKeyUsage).value) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert set(ext(cert, x509.ExtendedKeyUsage).value) == {
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    }
     cert.verify_directly_issued_by(pki.organisations_ca_cert)
 
 
-# ----------------------------------------------------------------------------------------- revocation
+# -------------------- revocation
 
 
 @needs_openssl
 def test_revocation_is_published_and_openssl_sees_it(pki: DevPKI, out_dir: Path) -> None:
     issued = issue_auth(pki, out_dir, "to-revoke")
     crl_path = pki.crl_path(CaRole.PERSONS)
-    verify = ("verify", "-crl_check", "-CAfile", str(pki.ca_bundle_path), "-CRLfile", str(crl_path), str(issued.cert_path))
+    verify = (
+        "verify",
+        "-crl_check",
+        "-CAfile",
+        str(pki.ca_bundle_path),
+        "-CRLfile",
+        str(crl_path),
+        str(issued.cert_path),
+    )
     before = openssl(*verify)
     assert before.returncode == 0 and ": OK" in before.stdout, before.stderr
     number = crl_number(crl_path)
@@ -334,7 +366,10 @@ def test_revocation_is_published_and_openssl_sees_it(pki: DevPKI, out_dir: Path)
     crl = x509.load_pem_x509_crl(crl_path.read_bytes())
     entry = crl.get_revoked_certificate_by_serial_number(issued.serial)
     assert entry is not None
-    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason is x509.ReasonFlags.key_compromise
+    assert (
+        entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+        is x509.ReasonFlags.key_compromise
+    )
     assert pki.is_revoked(issued.serial)
 
     # Idempotent: a second revocation leaves the CRL alone.
@@ -343,7 +378,9 @@ def test_revocation_is_published_and_openssl_sees_it(pki: DevPKI, out_dir: Path)
 
 
 def test_revoke_by_certificate_file_uses_the_issuing_ca(pki: DevPKI, out_dir: Path) -> None:
-    issued = pki.issue_organisation("1750000002", "CH", "APP", out_dir, "org-revoke", email="app@ch.caducee.test")
+    issued = pki.issue_organisation(
+        "1750000002", "CH", "APP", out_dir, "org-revoke", email="app@ch.caducee.test"
+    )
     persons_number = crl_number(pki.crl_path(CaRole.PERSONS))
     organisations_number = crl_number(pki.crl_path(CaRole.ORGANISATIONS))
 
@@ -354,7 +391,22 @@ def test_revoke_by_certificate_file_uses_the_issuing_ca(pki: DevPKI, out_dir: Pa
     assert crl_number(pki.crl_path(CaRole.PERSONS)) == persons_number
     entry = x509.load_pem_x509_crl(path.read_bytes()).get_revoked_certificate_by_serial_number(issued.serial)
     assert entry is not None
-    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason is x509.ReasonFlags.superseded
+    assert (
+        entry.extensions.get_extension_for_class(x509.CRLReason).value.reason is x509.ReasonFlags.superseded
+    )
+
+
+def test_revoke_by_hexadecimal_serial_string(pki: DevPKI, out_dir: Path) -> None:
+    issued = issue_auth(pki, out_dir, "hex-serial")
+    colons = ":".join(f"{issued.serial:040x}"[i : i + 2] for i in range(0, 40, 2))
+    assert pki.revoke(colons) == pki.crl_path(CaRole.PERSONS)
+    assert pki.is_revoked(issued.serial)
+    other = issue_auth(pki, out_dir, "hex-serial-2")
+    pki.revoke(issued.serial_hex)  # already revoked: no change
+    pki.revoke(str(other.cert_path))  # a string naming a file is a path
+    assert pki.is_revoked(other.serial)
+    with pytest.raises(FileNotFoundError):
+        pki.revoke("no-such-file.pem")
 
 
 def test_revoke_refuses_what_it_did_not_issue(pki: DevPKI, foreign_pki: DevPKI, out_dir: Path) -> None:
@@ -407,8 +459,8 @@ def test_openssl_reports_expired_certificate(pki: DevPKI, out_dir: Path) -> None
         pki,
         out_dir,
         "expired-openssl",
-        not_before=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
-        not_after=dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc),
+        not_before=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+        not_after=dt.datetime(2021, 1, 1, tzinfo=dt.UTC),
     )
     result = openssl("verify", "-CAfile", str(pki.ca_bundle_path), str(issued.cert_path))
     assert result.returncode != 0 and "certificate has expired" in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import datetime as dt
 import hashlib
 import queue
 import shutil
@@ -23,6 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from zope.interface import implementer
@@ -60,19 +63,23 @@ def server_cert(pki: DevPKI, out_dir: Path) -> IssuedCertificate:
 
 @pytest.fixture(scope="module")
 def foreign_client(foreign_pki: DevPKI, out_dir: Path) -> IssuedCertificate:
-    return foreign_pki.issue_person("810001234567", "Eve", "Autre", "eve@autre.test", CertUsage.AUTH, out_dir, "eve")
+    return foreign_pki.issue_person(
+        "810001234567", "Eve", "Autre", "eve@autre.test", CertUsage.AUTH, out_dir, "eve"
+    )
 
 
 @pytest.fixture(scope="module")
 def own_client(pki: DevPKI, out_dir: Path) -> IssuedCertificate:
-    return pki.issue_person("810001234567", "Anne", "Martin", "anne@ch.caducee.test", CertUsage.AUTH, out_dir, "anne")
+    return pki.issue_person(
+        "810001234567", "Anne", "Martin", "anne@ch.caducee.test", CertUsage.AUTH, out_dir, "anne"
+    )
 
 
 def der(issued: IssuedCertificate) -> bytes:
     return issued.certificate.public_bytes(serialization.Encoding.DER)
 
 
-# ----------------------------------------------------------------------------------------- servers
+# -------------------- servers
 
 
 @dataclass
@@ -97,9 +104,11 @@ class BlockingTLSServer:
         if backend == "ssl":
             self.ssl_context = context or tls.server_context(cert.chain_path, cert.key_path)
         else:
-            self.openssl_context = tls.twisted_server_context_factory(cert.chain_path, cert.key_path).getContext()
+            self.openssl_context = tls.twisted_server_context_factory(
+                cert.chain_path, cert.key_path
+            ).getContext()
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(TIMEOUT)
+        self.listener.settimeout(0.1)  # lets the thread notice `stopping` promptly
         self.port = self.listener.getsockname()[1]
         self.outcomes: queue.Queue[Outcome] = queue.Queue()
         self.stopping = threading.Event()
@@ -123,12 +132,14 @@ class BlockingTLSServer:
             except (ssl.SSLError, OSError) as exc:
                 return Outcome(error=str(exc))
             cipher = tls_sock.cipher()
-            outcome = Outcome(tls.peer_certificate_der(tls_sock), tls_sock.version(), cipher[0] if cipher else None)
+            outcome = Outcome(
+                tls.peer_certificate_der(tls_sock), tls_sock.version(), cipher[0] if cipher else None
+            )
             tls_sock.sendall(b"OK\n")
             tls_sock.close()
             return outcome
-        # pyOpenSSL drives the descriptor itself: it must be blocking (a Python timeout makes it non-blocking),
-        # with a kernel receive timeout so that a stuck peer cannot hang the test.
+        # pyOpenSSL drives the descriptor itself: it must be blocking (a Python timeout makes it
+        # non-blocking), with a kernel receive timeout so that a stuck peer cannot hang the test.
         conn.settimeout(None)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(TIMEOUT), 0))
         connection = SSL.Connection(self.openssl_context, conn)
@@ -156,21 +167,32 @@ class BlockingTLSServer:
         self.thread.join(TIMEOUT)
 
 
-@pytest.fixture(params=["ssl", "pyopenssl"])
-def server(request: pytest.FixtureRequest, server_cert: IssuedCertificate) -> Iterator[BlockingTLSServer]:
+@pytest.fixture(scope="module", params=["ssl", "pyopenssl"])
+def shared_server(
+    request: pytest.FixtureRequest, server_cert: IssuedCertificate
+) -> Iterator[BlockingTLSServer]:
     running = BlockingTLSServer(request.param, server_cert)
     yield running
     running.close()
 
 
+@pytest.fixture
+def server(shared_server: BlockingTLSServer) -> BlockingTLSServer:
+    while not shared_server.outcomes.empty():  # leftovers of a failed test must not be read by this one
+        shared_server.outcomes.get_nowait()
+    return shared_server
+
+
 def connect(port: int, context: ssl.SSLContext, server_hostname: str | None = "localhost") -> tuple[str, str]:
     """Handshake, wait for the server's "OK" and return (version, cipher)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
-        with context.wrap_socket(raw, server_hostname=server_hostname) as tls_sock:
-            assert tls_sock.recv(3) == b"OK\n"
-            version, cipher = tls_sock.version(), tls_sock.cipher()
-            assert version is not None and cipher is not None
-            return version, cipher[0]
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname=server_hostname) as tls_sock,
+    ):
+        assert tls_sock.recv(3) == b"OK\n"
+        version, cipher = tls_sock.version(), tls_sock.cipher()
+        assert version is not None and cipher is not None
+        return version, cipher[0]
 
 
 def legacy_client(version: ssl.TLSVersion, ciphers: str = "DEFAULT:@SECLEVEL=0") -> ssl.SSLContext:
@@ -186,7 +208,7 @@ def legacy_client(version: ssl.TLSVersion, ciphers: str = "DEFAULT:@SECLEVEL=0")
     return context
 
 
-# ----------------------------------------------------------------------------------------- client certificates
+# -------------------- client certificates
 
 
 def test_unknown_ca_client_certificate_completes_the_handshake(
@@ -220,12 +242,16 @@ def test_own_client_certificate_over_tls12(
 def test_expired_client_certificate_reaches_the_application(
     server: BlockingTLSServer, pki: DevPKI, out_dir: Path
 ) -> None:
-    import datetime as dt
-
     expired = pki.issue_person(
-        "810001234567", "Anne", "Martin", "anne@ch.caducee.test", CertUsage.AUTH, out_dir, "expired-tls",
-        not_before=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
-        not_after=dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc),
+        "810001234567",
+        "Anne",
+        "Martin",
+        "anne@ch.caducee.test",
+        CertUsage.AUTH,
+        out_dir,
+        "expired-tls",
+        not_before=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+        not_after=dt.datetime(2021, 1, 1, tzinfo=dt.UTC),
     )
     connect(server.port, tls.client_context(pki.ca_bundle_path, expired.cert_path, expired.key_path))
     assert server.next_outcome().der == der(expired)
@@ -250,10 +276,12 @@ def test_stock_cert_optional_would_abort_the_handshake(
         running.close()
 
 
-# ----------------------------------------------------------------------------------------- protocol profile
+# -------------------- protocol profile
 
 
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1], ids=["TLSv1.0", "TLSv1.1"])
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1], ids=["TLSv1.0", "TLSv1.1"]
+)
 def test_old_protocol_versions_are_refused(server: BlockingTLSServer, version: ssl.TLSVersion) -> None:
     with pytest.raises(ssl.SSLError) as info:
         connect(server.port, legacy_client(version), server_hostname=None)
@@ -264,7 +292,10 @@ def test_old_protocol_versions_are_refused(server: BlockingTLSServer, version: s
 
 @pytest.mark.parametrize(
     "ciphers",
-    ["ECDHE-RSA-AES128-SHA256:ECDHE-RSA-AES256-SHA384:ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA", "AES128-SHA:AES256-GCM-SHA384"],
+    [
+        "ECDHE-RSA-AES128-SHA256:ECDHE-RSA-AES256-SHA384:ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA",
+        "AES128-SHA:AES256-GCM-SHA384",
+    ],
     ids=["ecdhe-cbc", "static-rsa"],
 )
 def test_tls12_without_ecdhe_aead_is_refused(server: BlockingTLSServer, ciphers: str) -> None:
@@ -292,7 +323,10 @@ def test_server_order_wins(server: BlockingTLSServer, pki: DevPKI) -> None:
 
 
 def test_contexts_carry_the_profile(server_cert: IssuedCertificate, pki: DevPKI) -> None:
-    for context in (tls.server_context(server_cert.cert_path, server_cert.key_path), tls.client_context(pki.ca_bundle_path)):
+    for context in (
+        tls.server_context(server_cert.cert_path, server_cert.key_path),
+        tls.client_context(pki.ca_bundle_path),
+    ):
         assert context.minimum_version is ssl.TLSVersion.TLSv1_2
         assert context.maximum_version is ssl.TLSVersion.TLSv1_3
         assert context.options & ssl.OP_NO_COMPRESSION and context.options & ssl.OP_NO_RENEGOTIATION
@@ -302,7 +336,7 @@ def test_contexts_carry_the_profile(server_cert: IssuedCertificate, pki: DevPKI)
         assert all(c["aead"] for c in context.get_ciphers())
 
 
-# ----------------------------------------------------------------------------------------- client side
+# -------------------- client side
 
 
 def test_client_context_verifies_the_server(
@@ -312,7 +346,9 @@ def test_client_context_verifies_the_server(
         connect(server.port, tls.client_context(foreign_pki.ca_bundle_path))
     with pytest.raises(ssl.SSLCertVerificationError):
         connect(server.port, tls.client_context(pki.ca_bundle_path), server_hostname="other.caducee.test")
-    assert connect(server.port, tls.client_context(pki.ca_bundle_path, check_hostname=False), "other.caducee.test")
+    assert connect(
+        server.port, tls.client_context(pki.ca_bundle_path, check_hostname=False), "other.caducee.test"
+    )
 
 
 def test_client_context_requires_cert_with_key(pki: DevPKI, own_client: IssuedCertificate) -> None:
@@ -320,7 +356,7 @@ def test_client_context_requires_cert_with_key(pki: DevPKI, own_client: IssuedCe
         tls.client_context(pki.ca_bundle_path, key_file=own_client.key_path)
 
 
-# ----------------------------------------------------------------------------------------- the ctypes patch
+# -------------------- the ctypes patch
 
 
 def test_patch_refuses_client_contexts(pki: DevPKI) -> None:
@@ -353,7 +389,7 @@ def test_patch_survives_verify_mode_changes(server_cert: IssuedCertificate) -> N
     assert tls._libssl().SSL_CTX_get_verify_callback(pointer) == expected
 
 
-# ----------------------------------------------------------------------------------------- Twisted
+# -------------------- Twisted
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -385,10 +421,14 @@ def twisted_exchange(
 ) -> tuple[bytes | None, bytes]:
     """A real TLS exchange between Twisted TLSMemoryBIOProtocols over in-memory transports."""
     factory = tls.twisted_server_context_factory(server_cert.chain_path, server_cert.key_path)
-    server_side = TLSMemoryBIOFactory(factory, False, ServerFactory.forProtocol(_Recorder))
-    client_side = TLSMemoryBIOFactory(_ClientCreator(ca_file, client_cert), True, ClientFactory.forProtocol(_Recorder))
+    # An explicit clock: TLS write coalescing must not reach for (and install) the global reactor.
+    clock = Clock()
+    server_side = TLSMemoryBIOFactory(factory, False, ServerFactory.forProtocol(_Recorder), clock=clock)
+    client_side = TLSMemoryBIOFactory(
+        _ClientCreator(ca_file, client_cert), True, ClientFactory.forProtocol(_Recorder), clock=clock
+    )
     client, server, pump = connectedServerAndClient(
-        lambda: server_side.buildProtocol(None), lambda: client_side.buildProtocol(None)
+        lambda: server_side.buildProtocol(None), lambda: client_side.buildProtocol(None), clock=clock
     )
     client.write(b"a001 CAPABILITY\r\n")
     pump.flush()
@@ -414,12 +454,10 @@ def test_twisted_without_client_certificate(server_cert: IssuedCertificate, pki:
 
 
 def test_twisted_peer_certificate_of_a_plain_transport_is_none() -> None:
-    from twisted.internet.testing import StringTransport
-
     assert tls.twisted_peer_certificate_der(StringTransport()) is None
 
 
-# ----------------------------------------------------------------------------------------- openssl s_client
+# -------------------- openssl s_client
 
 
 class AsyncioTLSServer:
@@ -504,7 +542,9 @@ def test_openssl_s_client_refused(
 ) -> None:
     args = REFUSED_CLIENTS[name]
     control = s_client(permissive_server.port, pki.ca_bundle_path, *args)
-    assert control.returncode == 0 and "OK NONE" in control.stdout, "the client itself should be able to connect"
+    assert control.returncode == 0 and "OK NONE" in control.stdout, (
+        "the client itself should be able to connect"
+    )
 
     refused = s_client(asyncio_server.port, pki.ca_bundle_path, *args)
     assert refused.returncode != 0
@@ -516,8 +556,16 @@ def test_openssl_s_client_tls13_with_foreign_certificate(
     asyncio_server: AsyncioTLSServer, pki: DevPKI, foreign_client: IssuedCertificate
 ) -> None:
     result = s_client(
-        asyncio_server.port, pki.ca_bundle_path, "-tls1_3", "-verify_return_error", "-verify_hostname", "localhost",
-        "-cert", str(foreign_client.cert_path), "-key", str(foreign_client.key_path),
+        asyncio_server.port,
+        pki.ca_bundle_path,
+        "-tls1_3",
+        "-verify_return_error",
+        "-verify_hostname",
+        "localhost",
+        "-cert",
+        str(foreign_client.cert_path),
+        "-key",
+        str(foreign_client.key_path),
     )
     assert result.returncode == 0, result.stderr
     assert "New, TLSv1.3, Cipher is TLS_AES_256_GCM_SHA384" in result.stdout
@@ -525,7 +573,9 @@ def test_openssl_s_client_tls13_with_foreign_certificate(
 
 
 @needs_openssl
-def test_openssl_s_client_tls12_aead_without_certificate(asyncio_server: AsyncioTLSServer, pki: DevPKI) -> None:
+def test_openssl_s_client_tls12_aead_without_certificate(
+    asyncio_server: AsyncioTLSServer, pki: DevPKI
+) -> None:
     result = s_client(asyncio_server.port, pki.ca_bundle_path, "-tls1_2", "-verify_return_error")
     assert result.returncode == 0, result.stderr
     assert "Cipher is ECDHE-RSA-AES256-GCM-SHA384" in result.stdout

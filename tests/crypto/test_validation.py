@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from crypto.pki import CaRole, CertUsage, DevPKI, IssuedCertificate
@@ -63,10 +63,12 @@ def rejection(validator: CertificateValidator, data: bytes, **kwargs: object) ->
     return info.value
 
 
-# ----------------------------------------------------------------------------------------- accepted
+# -------------------- accepted
 
 
-def test_person_is_mapped_by_serial_number(validator: CertificateValidator, person: IssuedCertificate) -> None:
+def test_person_is_mapped_by_serial_number(
+    validator: CertificateValidator, person: IssuedCertificate
+) -> None:
     result = validator.validate(der(person))
     assert result == ValidatedCertificate(
         kind=CertificateKind.PERSON,
@@ -82,7 +84,9 @@ def test_person_is_mapped_by_serial_number(validator: CertificateValidator, pers
 
 
 def test_organisation_is_mapped_by_ou(pki: DevPKI, validator: CertificateValidator, out_dir: Path) -> None:
-    issued = pki.issue_organisation("1750000001", "CH Exemple", "LOGICIEL", out_dir, "org", email="app@ch.caducee.test")
+    issued = pki.issue_organisation(
+        "1750000001", "CH Exemple", "LOGICIEL", out_dir, "org", email="app@ch.caducee.test"
+    )
     result = validator.validate(der(issued))
     assert result.kind is CertificateKind.ORGANISATION
     assert result.national_id == "1750000001"
@@ -90,26 +94,45 @@ def test_organisation_is_mapped_by_ou(pki: DevPKI, validator: CertificateValidat
     assert result.emails == ("app@ch.caducee.test",)
 
 
-def test_operator_server_certificate_is_a_client_too(pki: DevPKI, validator: CertificateValidator, out_dir: Path) -> None:
-    issued = pki.issue_server(["mx.op.caducee.test"], [], out_dir, "op", structure_id="312345678900017", organisation="Op")
+def test_operator_server_certificate_is_a_client_too(
+    pki: DevPKI, validator: CertificateValidator, out_dir: Path
+) -> None:
+    issued = pki.issue_server(
+        ["mx.op.caducee.test"], [], out_dir, "op", structure_id="312345678900017", organisation="Op"
+    )
     result = validator.validate(der(issued))
-    assert (result.kind, result.national_id, result.emails) == (CertificateKind.ORGANISATION, "312345678900017", ())
+    assert (result.kind, result.national_id, result.emails) == (
+        CertificateKind.ORGANISATION,
+        "312345678900017",
+        (),
+    )
 
 
-def test_signature_certificate_for_email_protection(pki: DevPKI, validator: CertificateValidator, out_dir: Path) -> None:
+def test_signature_certificate_for_email_protection(
+    pki: DevPKI, validator: CertificateValidator, out_dir: Path
+) -> None:
     signing = pki.issue_person(NATIONAL_ID, "Anne", "Martin", EMAIL, CertUsage.SIGN, out_dir, "sign")
-    assert validator.validate(der(signing), usage=ExtendedKeyUsageOID.EMAIL_PROTECTION).national_id == NATIONAL_ID
+    assert (
+        validator.validate(der(signing), usage=ExtendedKeyUsageOID.EMAIL_PROTECTION).national_id
+        == NATIONAL_ID
+    )
     assert rejection(validator, der(signing)).reason is RejectReason.WRONG_USAGE
 
 
-# ----------------------------------------------------------------------------------------- refused
+# -------------------- refused
 
 
 def test_expired(pki: DevPKI, validator: CertificateValidator, out_dir: Path) -> None:
     expired = pki.issue_person(
-        NATIONAL_ID, "Anne", "Martin", EMAIL, CertUsage.AUTH, out_dir, "expired",
-        not_before=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
-        not_after=dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc),
+        NATIONAL_ID,
+        "Anne",
+        "Martin",
+        EMAIL,
+        CertUsage.AUTH,
+        out_dir,
+        "expired",
+        not_before=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+        not_after=dt.datetime(2021, 1, 1, tzinfo=dt.UTC),
     )
     refused = rejection(validator, der(expired))
     assert refused.reason is RejectReason.EXPIRED
@@ -117,7 +140,7 @@ def test_expired(pki: DevPKI, validator: CertificateValidator, out_dir: Path) ->
 
 
 def test_not_yet_valid(pki: DevPKI, validator: CertificateValidator, out_dir: Path) -> None:
-    start = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
     future = pki.issue_person(
         NATIONAL_ID, "Anne", "Martin", EMAIL, CertUsage.AUTH, out_dir, "future", not_before=start
     )
@@ -126,7 +149,9 @@ def test_not_yet_valid(pki: DevPKI, validator: CertificateValidator, out_dir: Pa
     assert validator.validate(der(future), now=start + dt.timedelta(days=1)).national_id == NATIONAL_ID
 
 
-def test_expiry_is_judged_at_the_given_time(validator: CertificateValidator, person: IssuedCertificate) -> None:
+def test_expiry_is_judged_at_the_given_time(
+    validator: CertificateValidator, person: IssuedCertificate
+) -> None:
     later = person.certificate.not_valid_after_utc + dt.timedelta(seconds=1)
     assert rejection(validator, der(person), now=later).reason is RejectReason.EXPIRED
 
@@ -135,25 +160,35 @@ def test_foreign_ca_with_identical_names_is_untrusted(
     validator: CertificateValidator, foreign_pki: DevPKI, pki: DevPKI, out_dir: Path
 ) -> None:
     assert foreign_pki.persons_ca_cert.subject == pki.persons_ca_cert.subject
-    foreign = foreign_pki.issue_person(NATIONAL_ID, "Anne", "Martin", EMAIL, CertUsage.AUTH, out_dir, "foreign")
+    foreign = foreign_pki.issue_person(
+        NATIONAL_ID, "Anne", "Martin", EMAIL, CertUsage.AUTH, out_dir, "foreign"
+    )
     assert rejection(validator, der(foreign)).reason is RejectReason.UNTRUSTED
 
 
 def test_foreign_ca_with_other_names_is_untrusted(
     validator: CertificateValidator, tmp_path_factory: pytest.TempPathFactory, out_dir: Path
 ) -> None:
-    other = DevPKI.create_or_load(tmp_path_factory.getbasetemp() / "crypto-other-pki", organisation="Autre Opérateur")
-    foreign = other.issue_organisation("1750000001", "CH", "APP", out_dir, "other", email="app@ch.caducee.test")
+    other = DevPKI.create_or_load(
+        tmp_path_factory.getbasetemp() / "crypto-other-pki", organisation="Autre Opérateur"
+    )
+    foreign = other.issue_organisation(
+        "1750000001", "CH", "APP", out_dir, "other", email="app@ch.caducee.test"
+    )
     assert rejection(validator, der(foreign)).reason is RejectReason.UNTRUSTED
 
 
-def test_encryption_certificate_is_wrong_usage(pki: DevPKI, validator: CertificateValidator, out_dir: Path) -> None:
+def test_encryption_certificate_is_wrong_usage(
+    pki: DevPKI, validator: CertificateValidator, out_dir: Path
+) -> None:
     encryption = pki.issue_person(NATIONAL_ID, "Anne", "Martin", EMAIL, CertUsage.ENC, out_dir, "enc")
     refused = rejection(validator, der(encryption))
     assert refused.reason is RejectReason.WRONG_USAGE and "clientAuth" in refused.detail
 
 
-def test_authentication_certificate_is_not_for_email(validator: CertificateValidator, person: IssuedCertificate) -> None:
+def test_authentication_certificate_is_not_for_email(
+    validator: CertificateValidator, person: IssuedCertificate
+) -> None:
     refused = rejection(validator, der(person), usage=ExtendedKeyUsageOID.EMAIL_PROTECTION)
     assert refused.reason is RejectReason.WRONG_USAGE
 
@@ -182,12 +217,17 @@ def test_revoked(pki: DevPKI, validator: CertificateValidator, out_dir: Path) ->
     assert format(issued.serial, "X") in refused.detail and "keyCompromise" in refused.detail
 
 
-def test_missing_crl_fails_closed(pki: DevPKI, person: IssuedCertificate, out_dir: Path, tmp_path: Path) -> None:
+def test_missing_crl_fails_closed(
+    pki: DevPKI, person: IssuedCertificate, out_dir: Path, tmp_path: Path
+) -> None:
     without_persons = CertificateValidator.from_files(
-        pki.ca_bundle_path, [pki.crl_path(CaRole.ROOT), pki.crl_path(CaRole.ORGANISATIONS), tmp_path / "absent.crl"]
+        pki.ca_bundle_path,
+        [pki.crl_path(CaRole.ROOT), pki.crl_path(CaRole.ORGANISATIONS), tmp_path / "absent.crl"],
     )
     assert rejection(without_persons, der(person)).reason is RejectReason.CRL_UNAVAILABLE
-    organisation = pki.issue_organisation("1750000009", "CH", "APP", out_dir, "org-crl", email="a@ch.caducee.test")
+    organisation = pki.issue_organisation(
+        "1750000009", "CH", "APP", out_dir, "org-crl", email="a@ch.caducee.test"
+    )
     assert without_persons.validate(der(organisation)).national_id == "1750000009"
 
 
@@ -210,6 +250,32 @@ def test_crl_signed_by_a_foreign_ca_is_not_used(
     assert rejection(forged, der(person)).reason is RejectReason.CRL_UNAVAILABLE
 
 
+def test_crl_with_a_forged_signature_is_not_used(
+    pki: DevPKI, foreign_pki: DevPKI, person: IssuedCertificate, tmp_path: Path
+) -> None:
+    # Issuer name and authority key identifier of our persons CA, signed with another key.
+    foreign_key = serialization.load_pem_private_key(
+        foreign_pki.ca_cert_path(CaRole.PERSONS).with_suffix(".key").read_bytes(), password=None
+    )
+    our_ski = pki.persons_ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    now = dt.datetime.now(dt.UTC)
+    forged = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(pki.persons_ca_cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=7))
+        .add_extension(x509.CRLNumber(10**6), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier(our_ski, None, None), critical=False)
+        .sign(foreign_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    forged_path = tmp_path / "forged.crl.pem"
+    forged_path.write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+    checker = CertificateValidator.from_files(
+        pki.ca_bundle_path, [pki.crl_path(CaRole.ROOT), forged_path, pki.crl_path(CaRole.ORGANISATIONS)]
+    )
+    assert rejection(checker, der(person)).reason is RejectReason.CRL_UNAVAILABLE
+
+
 def test_revoked_intermediate(tmp_path: Path) -> None:
     own = DevPKI.create_or_load(tmp_path / "pki")
     leaf = own.issue_person(NATIONAL_ID, "Anne", "Martin", EMAIL, CertUsage.AUTH, tmp_path, "leaf")
@@ -230,7 +296,7 @@ def test_details_are_log_safe(foreign_pki: DevPKI, validator: CertificateValidat
     assert "Eve" not in refused.detail and "Injected" not in refused.detail
 
 
-# ----------------------------------------------------------------------------------------- CRL reloading
+# -------------------- CRL reloading
 
 
 def test_crl_reload_keeps_the_last_valid_crl(
@@ -268,7 +334,9 @@ def test_crl_reload_keeps_the_last_valid_crl(
         assert any("went backwards" in r.getMessage() for r in caplog.records)
 
 
-def test_missing_file_after_load_keeps_the_last_valid_crl(pki: DevPKI, person: IssuedCertificate, tmp_path: Path) -> None:
+def test_missing_file_after_load_keeps_the_last_valid_crl(
+    pki: DevPKI, person: IssuedCertificate, tmp_path: Path
+) -> None:
     copies = []
     for path in pki.crl_paths():
         copies.append(tmp_path / path.name)
@@ -300,7 +368,7 @@ def test_der_crl_files_are_accepted(pki: DevPKI, person: IssuedCertificate, tmp_
     assert checker.validate(der(person)).serial == person.serial
 
 
-# ----------------------------------------------------------------------------------------- construction, speed
+# -------------------- construction, speed
 
 
 def test_from_files_splits_anchors_and_intermediates(pki: DevPKI, tmp_path: Path) -> None:
@@ -334,7 +402,9 @@ def test_validation_is_fast(pki: DevPKI, validator: CertificateValidator, person
 
 def test_validation_is_thread_safe(pki: DevPKI, person: IssuedCertificate, out_dir: Path) -> None:
     others = [
-        pki.issue_organisation(f"17500000{i}", "CH", f"APP{i}", out_dir, f"thread-{i}", email=f"app{i}@ch.caducee.test")
+        pki.issue_organisation(
+            f"17500000{i}", "CH", f"APP{i}", out_dir, f"thread-{i}", email=f"app{i}@ch.caducee.test"
+        )
         for i in range(4)
     ]
     samples = [(der(person), NATIONAL_ID)] + [(der(o), f"17500000{i}") for i, o in enumerate(others)]
