@@ -31,6 +31,7 @@ import email.header
 import email.message
 import email.policy
 import email.utils
+import hashlib
 import io
 import logging
 import quopri
@@ -43,14 +44,17 @@ from typing import (
     Any,
     Awaitable,
     Callable,
+    ClassVar,
     Iterable,
     Iterator,
     Protocol,
     Sequence,
     TypeVar,
     Union,
+    cast,
 )
 
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, interfaces, protocol
 from twisted.internet.defer import Deferred
 from twisted.mail import imap4
@@ -112,7 +116,7 @@ MAX_MIME_DEPTH = 24
 MAX_MIME_PARTS = 1000
 MAX_FETCH_ITEMS = 64
 PARSE_CACHE_ENTRIES = 64
-PARSE_CACHE_BYTES = 64 * 1024 * 1024
+PARSE_CACHE_BYTES = 16 * 1024 * 1024  # per session
 SEARCH_BATCH = 64  # messages evaluated between two returns to the reactor
 _MAX_NUMBER = 4294967295  # RFC 3501 §9 number / nz-number
 
@@ -259,11 +263,16 @@ def validate_new_mailbox_name(name: str) -> str:
     return name
 
 
+def _utc(value: dt.datetime) -> dt.datetime:
+    """Store dates are UTC; a naive one is taken as UTC rather than local time."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
+
+
 def format_internaldate(value: dt.datetime) -> bytes:
     """date-time of RFC 3501 §9 (``"dd-Mon-yyyy hh:mm:ss +zzzz"``, day space-padded), in UTC."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    value = value.astimezone(dt.timezone.utc)
+    value = _utc(value)
     return b'"%2d-%s-%04d %02d:%02d:%02d +0000"' % (
         value.day,
         _MONTHS[value.month - 1].encode(),
@@ -655,6 +664,9 @@ def tokenize(segments: Sequence[bytes]) -> list[Token]:
 # ---------------------------------------------------------------------------------------------------------
 # SEARCH (RFC 3501 §6.4.4)
 # ---------------------------------------------------------------------------------------------------------
+
+
+# The search program as a tree (RFC 3501 §6.4.4 search-key); string values are casefolded at parse time.
 
 
 @dataclass(frozen=True)
@@ -1118,12 +1130,43 @@ def _encode_phrase(name: str) -> str:
 _HEADER_FACTORY = email.policy.default.header_factory
 
 
+_ADDR_SPEC = r'[^\s<>()\[\]",;:@\\]+@[^\s<>()\[\]",;:@\\]+'
+_SIMPLE_ADDRESS_RE = re.compile(
+    r'\s*(?:(?P<name>"(?:[^"\\]|\\.)*"|[^"<>()\[\],;:@\\]*?)\s*<(?P<spec>' + _ADDR_SPEC + r')>'
+    r'|(?P<bare>' + _ADDR_SPEC + r'))\s*'
+)
+_ADDRESS_SPLIT_RE = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*")+')
+
+
+def _simple_addresses(text: str) -> list[list[Any]] | None:
+    """Fast path for the usual ``addr-spec`` / ``name <addr-spec>`` lists (no groups, comments or
+    routes); display names stay as written, encoded words included (RFC 3501 §7.4.2).  None when the
+    header needs the full RFC 5322 parser."""
+    out: list[list[Any]] = []
+    for item in _ADDRESS_SPLIT_RE.findall(text):
+        if not item.strip():
+            continue
+        m = _SIMPLE_ADDRESS_RE.fullmatch(item)
+        if m is None:
+            return None
+        spec = m.group("spec") or m.group("bare")
+        display = (m.group("name") or "").strip()
+        if display.startswith('"'):
+            display = re.sub(r"\\(.)", r"\1", display[1:-1])
+        mailbox, _, host = spec.rpartition("@")
+        out.append([display or None, None, mailbox, host])
+    return out
+
+
 def _address_list(part: MimePart, name: str) -> list[list[Any]] | None:
     """ENVELOPE address structures with RFC 3501 §7.4.2 group markers; None when absent or empty."""
     raw = part.first(name)
     if raw is None:
         return None
     text = raw.decode("utf-8", "replace")
+    simple = _simple_addresses(text)
+    if simple is not None:
+        return simple or None
     out: list[list[Any]] = []
     try:
         groups = _HEADER_FACTORY(name, text).groups
@@ -1589,7 +1632,11 @@ class StoreMailbox:
         if date is None or isinstance(date, dt.datetime):
             when = date
         else:
-            when = email.utils.parsedate_to_datetime(date.decode() if isinstance(date, bytes) else date)
+            text = date if isinstance(date, bytes) else date.encode("ascii")
+            try:
+                when = parse_datetime(text.strip(b'"'))  # IMAP date-time, as Twisted passes it
+            except CommandBad:
+                when = email.utils.parsedate_to_datetime(text.decode("ascii"))  # RFC 5322 date
         return defer.ensureDeferred(self._add(raw, flags, when))
 
     async def _add(self, raw: bytes, flags: Iterable[str], when: dt.datetime | None) -> int:
@@ -1701,13 +1748,15 @@ class StoreMailbox:
         return changed
 
     async def mark_read(self, messages: Sequence[StoreMessage]) -> dict[int, frozenset[str]]:
-        """Implicit \\Seen of a non-PEEK body fetch (RFC 3501 §6.4.5), audited as READ for every message."""
+        """Implicit \\Seen of a non-PEEK body fetch (RFC 3501 §6.4.5), then READ audited for every
+        message before any content is sent."""
+        unseen = [m.stored.uid for m in messages if SEEN not in m.stored.flags]
+        changed: dict[int, frozenset[str]] = {}
+        if self._writable and unseen:
+            changed = await bridge(self.account.store.set_flags(self.folder_id, unseen, [SEEN], "add"))
         for m in messages:
             self.account.audit_message(AuditEvent.READ, self.folder_id, m.stored)
-        unseen = [m.stored.uid for m in messages if SEEN not in m.stored.flags]
-        if not self._writable or not unseen:
-            return {}
-        return await bridge(self.account.store.set_flags(self.folder_id, unseen, [SEEN], "add"))
+        return changed
 
     async def expunge_uids(self, uids: Sequence[int] | None) -> list[int]:
         """EXPUNGE / UID EXPUNGE (RFC 4315 §2.1); audits DELETE; returns sequence numbers, descending."""
@@ -1728,10 +1777,11 @@ class StoreMailbox:
     async def search_seqs(self, key: SearchKey) -> list[int]:
         """Evaluate a SEARCH program over the session view, yielding to the reactor between batches."""
         current = {m.uid: m for m in self.account.store.messages(self.folder_id)}
-        count = len(self.uids)
-        star_uid = self.uids[-1] if self.uids else 0
+        uids = list(self.uids)
+        count = len(uids)
+        star_uid = uids[-1] if uids else 0
         found: list[int] = []
-        for index, u in enumerate(self.uids):
+        for index, u in enumerate(uids):
             if index and index % SEARCH_BATCH == 0:
                 await _cooperate()
             stored = current.get(u)
@@ -1796,7 +1846,7 @@ def matches(key: SearchKey, c: _Candidate, max_seq: int, max_uid: int) -> bool:
         if key.sent:
             value = c.parsed.sent_date() or c.stored.internaldate.date()
         else:
-            value = c.stored.internaldate.astimezone(dt.timezone.utc).date()
+            value = _utc(c.stored.internaldate).date()
         return _compare_date(value, key.op, key.date)
     if isinstance(key, SHeader):
         values = c.parsed.header_values(key.name)
@@ -2079,11 +2129,13 @@ class IMAPServer(imap4.IMAP4Server):
     _literalStringLimit = MAX_STRING_LITERAL
 
     factory: IMAPFactory
+    transport: Any
     account: StoreAccount | None
     mbox: StoreMailbox | None
+    _pendingLiteral: Any
 
     def __init__(self, factory: IMAPFactory) -> None:
-        # Fix 2: no challengers at all; EXTERNAL is handled by do_AUTHENTICATE below.
+        # Fix 2: no challengers at all; EXTERNAL is handled by cmd_authenticate below.
         super().__init__(chal={}, contextFactory=None if factory.implicit_tls else factory.tls_context_factory)
         self.factory = factory
         self.conn_id = factory.next_connection_id()
@@ -2101,6 +2153,7 @@ class IMAPServer(imap4.IMAP4Server):
     # -- connection lifecycle --------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        """Log the connection and send the greeting (RFC 3501 §7.1.1)."""
         peer = self.transport.getPeer()
         self._peer = getattr(peer, "host", "-")
         logger.info("imap connect conn=%s peer=%s tls=%s", self.conn_id, self._peer, self.factory.implicit_tls)
@@ -2108,22 +2161,26 @@ class IMAPServer(imap4.IMAP4Server):
         super().connectionMade()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        """Drop the store listener and the selected folder."""
         self._closed = True
         self._deselect()
         logger.info("imap disconnect conn=%s", self.conn_id)
         super().connectionLost(reason)
 
     def sendServerGreeting(self) -> None:
+        """Greeting with the CAPABILITY response code (RFC 3501 §7.1.1 and §7.2.1)."""
         caps = b" ".join(self.listCapabilities())
         host = _safe_text(self.factory.hostname, 100)
-        self.sendPositiveResponse(message=b"[CAPABILITY " + caps + b"] " + host + b" Caducee IMAP4rev1 ready")
+        self._untagged(b"OK [CAPABILITY " + caps + b"] " + host + b" Caducee IMAP4rev1 ready")
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.sendUntaggedResponse(b"BYE Command line too long")
+        """A line above :data:`MAX_LINE_LENGTH` octets: BYE and close (RFC 3501 §7.1.5)."""
+        self._untagged(b"BYE Command line too long")
         self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
-        self.sendUntaggedResponse(b"BYE Autologout; idle for too long")
+        """Autologout timer (RFC 3501 §5.4)."""
+        self._untagged(b"BYE Autologout; idle for too long")
         self.transport.loseConnection()
 
     # -- capabilities (fix 2, fix 8) ---------------------------------------------------------------------
@@ -2146,6 +2203,7 @@ class IMAPServer(imap4.IMAP4Server):
         return caps
 
     def capabilities(self) -> dict[bytes, Any]:
+        """Twisted's view of :meth:`listCapabilities`, kept consistent for its callers."""
         caps: dict[bytes, Any] = {}
         for cap in self.listCapabilities()[1:]:
             name, _, value = cap.partition(b"=")
@@ -2157,6 +2215,7 @@ class IMAPServer(imap4.IMAP4Server):
     # -- line handling, serial execution, literals (fix 7) ---------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
+        """One command line (or the rest of one after a literal, a SASL response, or DONE)."""
         self.resetTimeout()
         if self.parseState in ("command", "pending"):
             marker = _LITERAL_MARKER_RE.search(line)
@@ -2185,22 +2244,23 @@ class IMAPServer(imap4.IMAP4Server):
             self.factory.metrics["nonsync_literal_refused"] += 1
             self.clearLineBuffer()
             self._respond(b"BAD", tag, b"Non-synchronizing literals are not supported")
-            self.sendUntaggedResponse(b"BYE Protocol error")
+            self._untagged(b"BYE Protocol error")
             self.transport.loseConnection()
         else:
             self._respond(b"BAD", tag, b"Invalid literal")
 
     def parse_command(self, line: bytes) -> None:
+        """tag SP command [SP arguments] (RFC 3501 §2.2.1, §9 command)."""
         if not line.strip():
-            self.sendBadResponse(None, b"Empty command line")
+            self._untagged(b"BAD Empty command line")
             return
         parts = line.split(b" ", 2)
         tag = parts[0]
         if not _TAG_RE.fullmatch(tag):
-            self.sendBadResponse(None, b"Invalid tag")
+            self._untagged(b"BAD Invalid tag")
             return
         if len(parts) < 2 or not parts[1]:
-            self.sendBadResponse(tag, b"Missing command")
+            self._bad(tag, b"Missing command")
             return
         cmd = parts[1].upper()
         rest = parts[2] if len(parts) == 3 else None
@@ -2213,19 +2273,17 @@ class IMAPServer(imap4.IMAP4Server):
             self._command_failed(Failure(), tag)
 
     def dispatchCommand(self, tag: bytes, cmd: bytes, rest: bytes | None, uid: int | None = None) -> None:
+        """Run a command from :attr:`COMMANDS` for the current state (RFC 3501 §3)."""
         entry = self.lookupCommand(cmd)
         if entry is None:
-            known = any(getattr(type(self), f"{s}_{cmd.decode('ascii', 'replace')}", None)
-                        for s in ("unauth", "auth", "select"))
+            known = any(cmd in table for table in self.COMMANDS.values())
             raise CommandBad("Command not valid in this state" if known else "Unknown command")
         handler, *parsers = entry
         self._run_parsers(tag, handler, [tag], parsers, rest, uid)
 
     def lookupCommand(self, cmd: bytes) -> tuple[Any, ...] | None:
-        name = cmd.decode("ascii", "replace")
-        if not name.isalpha():
-            return None
-        return getattr(type(self), f"{self.state}_{name}", None)
+        """Our command table only: Twisted's ``<state>_<COMMAND>`` attributes are never consulted."""
+        return self.COMMANDS.get(self.state, {}).get(cmd)
 
     def _run_parsers(self, tag: bytes, handler: Handler, args: list[Any], parsers: list[Any],
                      line: bytes | None, uid: int | None) -> None:
@@ -2278,20 +2336,38 @@ class IMAPServer(imap4.IMAP4Server):
             self.factory.metrics["internal_errors"] += 1
             logger.error("imap internal error conn=%s cmd=%s ref=%s", self.conn_id,
                          (self._current_cmd or b"-").decode("ascii", "replace"), ref,
-                         exc_info=(failure.type, failure.value, failure.getTracebackObject()))
+                         exc_info=cast(Any, (failure.type, failure.value, failure.getTracebackObject())))
             self._respond(b"NO", tag, b"[SERVERBUG] Internal server error (ref " + ref.encode() + b")")
         return None
 
     def _respond(self, state: bytes, tag: bytes | None, message: bytes | None) -> None:
+        """Every response line goes through here.  Before a tagged completion, pending mailbox changes
+        are reported (RFC 3501 §7.3.1, §7.4.1); after it, reading resumes (serial execution)."""
         tagged = tag is not None and state in (b"OK", b"NO", b"BAD")
         if tagged:
             self._report_changes()
-        super()._respond(state, tag, message)
+        line = (tag or b"*") + b" " + state + (b" " + message if message else b"")
+        self.transport.write(line + b"\r\n")
         if tagged and tag == self._in_flight:
             self._in_flight = None
             self._current_cmd = None
             if self.paused and not self._closed and not self.transport.disconnecting:
                 self.resumeProducing()
+
+    def _line(self, line: bytes) -> None:
+        self.transport.write(line + b"\r\n")
+
+    def _untagged(self, text: bytes) -> None:
+        self._respond(text, None, None)
+
+    def _ok(self, tag: bytes | None, text: bytes) -> None:
+        self._respond(b"OK", tag, text)
+
+    def _no(self, tag: bytes | None, text: bytes) -> None:
+        self._respond(b"NO", tag, text)
+
+    def _bad(self, tag: bytes | None, text: bytes) -> None:
+        self._respond(b"BAD", tag, text)
 
     # -- mailbox change reporting (RFC 3501 §5.2, §7.3.1, §7.4.1; IDLE RFC 2177) ----------------------
 
@@ -2307,14 +2383,15 @@ class IMAPServer(imap4.IMAP4Server):
             return
         self._dirty = False
         for seq in delta.expunged:
-            self.sendUntaggedResponse(b"%d EXPUNGE" % seq)
+            self._untagged(b"%d EXPUNGE" % seq)
         self.newMessages(delta.exists, delta.recent)
 
     def newMessages(self, exists: int | None, recent: int | None) -> None:
+        """``IMailboxListener``: report EXISTS / RECENT (RFC 3501 §7.3.1, §7.3.2)."""
         if exists is not None:
-            self.sendUntaggedResponse(b"%d EXISTS" % exists)
+            self._untagged(b"%d EXISTS" % exists)
         if recent is not None:
-            self.sendUntaggedResponse(b"%d RECENT" % recent)
+            self._untagged(b"%d RECENT" % recent)
 
     def _store_notified(self, folder_id: int) -> None:
         """Store listener; may run inside a store write, so the work is deferred to the reactor."""
@@ -2356,7 +2433,7 @@ class IMAPServer(imap4.IMAP4Server):
             raise CommandBad("Too many literals in one command")
         if size > self._literalStringLimit:
             raise CommandBad("Literal too long")
-        return super()._stringLiteral(size)
+        return cast(Deferred[tuple[bytes, bytes]], super()._stringLiteral(size))
 
     def arg_astring(self, line: bytes | None, final: bool = False) -> Any:
         """astring (RFC 3501 §9) with backslash escapes in quoted strings, validated atoms and literals."""
@@ -2385,6 +2462,7 @@ class IMAPServer(imap4.IMAP4Server):
         return arg, rest
 
     def arg_finalastring(self, line: bytes | None) -> Any:
+        """The last astring of a command: an empty literal ``{0}`` is allowed there."""
         return self.arg_astring(line, final=True)
 
     def arg_list_mailbox(self, line: bytes | None) -> Any:
@@ -2397,6 +2475,7 @@ class IMAPServer(imap4.IMAP4Server):
         return self.arg_astring(line, final=True)
 
     def arg_atom(self, line: bytes | None) -> tuple[bytes, bytes]:
+        """An atom (RFC 3501 §9)."""
         if not line:
             raise CommandBad("Missing argument")
         arg, _, rest = line.partition(b" ")
@@ -2405,15 +2484,18 @@ class IMAPServer(imap4.IMAP4Server):
         return arg, rest
 
     def arg_line(self, line: bytes | None) -> tuple[bytes, bytes]:
+        """The rest of the line, unparsed."""
         return (line or b""), b""
 
     def arg_seqset(self, line: bytes | None) -> tuple[SequenceSet, bytes]:
+        """A sequence-set (RFC 3501 §9)."""
         if not line:
             raise CommandBad("Missing message set")
         arg, _, rest = line.partition(b" ")
         return SequenceSet.parse(arg), rest
 
     def arg_fetchatt(self, line: bytes | None) -> tuple[list[FetchItem], bytes]:
+        """FETCH attributes (RFC 3501 §6.4.5)."""
         if not line:
             raise CommandBad("Missing fetch attributes")
         return parse_fetch_items(line), b""
@@ -2460,7 +2542,7 @@ class IMAPServer(imap4.IMAP4Server):
         d: Deferred[tuple[io.BytesIO, bytes]] = Deferred()
         self.parseState = "pending"
         self._pendingLiteral = _AppendLiteral(size, d)
-        self.sendContinuationRequest(b"Ready for literal data")
+        self._line(b"+ Ready for literal data")
         self.setRawMode()
         return d
 
@@ -2484,6 +2566,7 @@ class IMAPServer(imap4.IMAP4Server):
         return d.addCallback(got)
 
     def arg_status_items(self, line: bytes | None) -> tuple[list[str], bytes]:
+        """The STATUS item list (RFC 3501 §6.3.10)."""
         tokens = tokenize([(line or b"").strip()])
         if len(tokens) < 3 or tokens[0].kind != "(" or tokens[-1].kind != ")":
             raise CommandBad("STATUS needs a parenthesised item list")
@@ -2521,31 +2604,35 @@ class IMAPServer(imap4.IMAP4Server):
 
     # -- any state -----------------------------------------------------------------------------------------
 
-    def do_CAPABILITY(self, tag: bytes) -> None:
-        self.sendUntaggedResponse(b"CAPABILITY " + b" ".join(self.listCapabilities()))
-        self.sendPositiveResponse(tag, b"CAPABILITY completed")
+    def cmd_capability(self, tag: bytes) -> None:
+        """CAPABILITY (RFC 3501 §6.1.1)."""
+        self._untagged(b"CAPABILITY " + b" ".join(self.listCapabilities()))
+        self._ok(tag, b"CAPABILITY completed")
 
-    def do_NOOP(self, tag: bytes) -> None:
+    def cmd_noop(self, tag: bytes) -> None:
+        """NOOP (RFC 3501 §6.1.2): also the poll point for folder changes (§7.3.1, §7.4.1)."""
         self._report_changes(force=True)
-        self.sendPositiveResponse(tag, b"NOOP completed")
+        self._ok(tag, b"NOOP completed")
 
-    def do_LOGOUT(self, tag: bytes) -> None:
-        self.sendUntaggedResponse(b"BYE Logging out")
-        self.sendPositiveResponse(tag, b"LOGOUT completed")
+    def cmd_logout(self, tag: bytes) -> None:
+        """LOGOUT (RFC 3501 §6.1.3): BYE, then the tagged OK, then close."""
+        self._untagged(b"BYE Logging out")
+        self._ok(tag, b"LOGOUT completed")
         self.transport.loseConnection()
 
-    def do_ID(self, tag: bytes, params: dict[str, str | None]) -> None:
+    def cmd_id(self, tag: bytes, params: dict[str, str | None]) -> None:
         """ID (RFC 2971): what the client says is logged; the server answers with its name."""
         if params:
             logger.info("imap client id conn=%s name=%s version=%s", self.conn_id,
                         _safe_text(params.get("name") or "-", 60).decode(),
                         _safe_text(params.get("version") or "-", 60).decode())
-        self.sendUntaggedResponse(b"ID " + render(["name", SERVER_NAME]))
-        self.sendPositiveResponse(tag, b"ID completed")
+        self._untagged(b"ID " + render(["name", SERVER_NAME]))
+        self._ok(tag, b"ID completed")
 
     # -- not authenticated ---------------------------------------------------------------------------------
 
     def do_STARTTLS(self, tag: bytes) -> None:
+        """STARTTLS (RFC 3501 §6.2.1), valid before authentication on the STARTTLS listener only."""
         if self._tls_active():
             raise CommandBad("TLS is already active")
         if self.ctx is None:
@@ -2558,17 +2645,17 @@ class IMAPServer(imap4.IMAP4Server):
             self.factory.metrics["starttls_injection_discarded"] += 1
             logger.warning("imap starttls discarded pipelined plaintext conn=%s octets=%d",
                            self.conn_id, len(discarded))
-        self.sendPositiveResponse(tag, b"Begin TLS negotiation now")
+        self._ok(tag, b"Begin TLS negotiation now")
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
 
-    def do_LOGIN(self, tag: bytes, _args: bytes) -> None:
+    def cmd_login(self, tag: bytes, _args: bytes) -> None:
         """Fix 2: LOGINDISABLED is always advertised, so LOGIN is always refused (RFC 3501 §6.2.3)."""
         self._audit_login_failure("LOGIN", "password_login_disabled", None)
         raise CommandNo("LOGIN is disabled; authenticate with a client certificate (AUTHENTICATE EXTERNAL)",
                         b"PRIVACYREQUIRED" if not self._tls_active() else b"CANNOT")
 
-    def do_AUTHENTICATE(self, tag: bytes, mechanism: bytes, initial: bytes | None) -> Any:
+    def cmd_authenticate(self, tag: bytes, mechanism: bytes, initial: bytes | None) -> Any:
         """AUTHENTICATE EXTERNAL (RFC 3501 §6.2.2, RFC 4422 Appendix A, SASL-IR RFC 4959)."""
         if not self._tls_active():
             # Fix 2: no authentication of any kind before TLS on the STARTTLS listener.
@@ -2578,11 +2665,12 @@ class IMAPServer(imap4.IMAP4Server):
         if initial is None:
             self._sasl_tag = tag
             self.parseState = "sasl"
-            self.sendLine(b"+ ")
+            self._line(b"+ ")
             return None
         return self._authenticate_external(tag, initial)
 
     def parse_sasl(self, line: bytes) -> None:
+        """The client's answer to the empty EXTERNAL challenge; ``*`` cancels (RFC 3501 §6.2.2)."""
         tag = self._sasl_tag
         assert tag is not None
         self._sasl_tag = None
@@ -2600,11 +2688,9 @@ class IMAPServer(imap4.IMAP4Server):
             return None
         if cert is None:
             return None
-        if hasattr(cert, "to_cryptography"):
+        if hasattr(cert, "to_cryptography"):  # pyOpenSSL X509 (Twisted's TLS transports)
             cert = cert.to_cryptography()
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        der: bytes = cert.public_bytes(Encoding.DER)
+        der: bytes = cert.public_bytes(serialization.Encoding.DER)
         return der
 
     async def _authenticate_external(self, tag: bytes, response: bytes) -> None:
@@ -2634,7 +2720,7 @@ class IMAPServer(imap4.IMAP4Server):
             logger.info("imap login failed conn=%s reason=%s", self.conn_id, reason)
             self._respond(b"NO", tag, b"[AUTHENTICATIONFAILED] Authentication failed")
             if self._auth_failures >= MAX_AUTH_FAILURES:
-                self.sendUntaggedResponse(b"BYE Too many authentication failures")
+                self._untagged(b"BYE Too many authentication failures")
                 self.transport.loseConnection()
             return
         self.account = StoreAccount(self.factory.store, login, self.factory.audit)
@@ -2650,11 +2736,7 @@ class IMAPServer(imap4.IMAP4Server):
     def _audit_login_failure(self, mechanism: str, reason: str, cert_der: bytes | None) -> None:
         detail = {"mechanism": mechanism, "reason": reason, "peer": self._peer}
         if cert_der is not None:
-            from cryptography.hazmat.primitives import hashes
-
-            digest = hashes.Hash(hashes.SHA256())
-            digest.update(cert_der)
-            detail["cert_sha256"] = digest.finalize().hex()
+            detail["cert_sha256"] = hashlib.sha256(cert_der).hexdigest()
         self.factory.audit.record(AuditEvent.LOGIN_FAILED, actor="unknown", protocol="imap", detail=detail)
 
     # -- authenticated -------------------------------------------------------------------------------------
@@ -2671,51 +2753,57 @@ class IMAPServer(imap4.IMAP4Server):
         if mbox is None:
             raise CommandNo("No such folder", b"NONEXISTENT")
         self._watch(mbox)
-        self.sendUntaggedResponse(b"FLAGS " + render_flags(mbox.getFlags()))
+        self._untagged(b"FLAGS " + render_flags(mbox.getFlags()))
         permanent = b"(" + b" ".join(f.encode() for f in SYSTEM_FLAGS) + b" \\*)" if writable else b"()"
-        self.sendUntaggedResponse(b"OK [PERMANENTFLAGS " + permanent + b"] Flags permitted")
-        self.sendUntaggedResponse(b"%d EXISTS" % mbox.getMessageCount())
-        self.sendUntaggedResponse(b"%d RECENT" % mbox.getRecentCount())
+        self._untagged(b"OK [PERMANENTFLAGS " + permanent + b"] Flags permitted")
+        self._untagged(b"%d EXISTS" % mbox.getMessageCount())
+        self._untagged(b"%d RECENT" % mbox.getRecentCount())
         unseen = mbox.first_unseen()
         if unseen is not None:
-            self.sendUntaggedResponse(b"OK [UNSEEN %d] First unseen" % unseen)
-        self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.getUIDValidity())
-        self.sendUntaggedResponse(b"OK [UIDNEXT %d] Predicted next UID" % mbox.getUIDNext())
+            self._untagged(b"OK [UNSEEN %d] First unseen" % unseen)
+        self._untagged(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.getUIDValidity())
+        self._untagged(b"OK [UIDNEXT %d] Predicted next UID" % mbox.getUIDNext())
         self.state = "select"
         mode = b"READ-WRITE" if writable else b"READ-ONLY"
-        self.sendPositiveResponse(tag, b"[" + mode + b"] " + (b"SELECT" if writable else b"EXAMINE")
-                                  + b" completed")
+        self._ok(tag, b"[" + mode + b"] " + (b"SELECT" if writable else b"EXAMINE") + b" completed")
 
-    def do_SELECT(self, tag: bytes, name: bytes) -> None:
+    def cmd_select(self, tag: bytes, name: bytes) -> None:
+        """SELECT (RFC 3501 §6.3.1)."""
         self._select(tag, name, True)
 
-    def do_EXAMINE(self, tag: bytes, name: bytes) -> None:
+    def cmd_examine(self, tag: bytes, name: bytes) -> None:
+        """EXAMINE (RFC 3501 §6.3.2): read-only, \\Seen is never set implicitly."""
         self._select(tag, name, False)
 
-    async def do_CREATE(self, tag: bytes, name: bytes) -> None:
+    async def cmd_create(self, tag: bytes, name: bytes) -> None:
+        """CREATE (RFC 3501 §6.3.3)."""
         await self._account().create(decode_mailbox(name))
-        self.sendPositiveResponse(tag, b"CREATE completed")
+        self._ok(tag, b"CREATE completed")
 
-    async def do_DELETE(self, tag: bytes, name: bytes) -> None:
+    async def cmd_delete(self, tag: bytes, name: bytes) -> None:
+        """DELETE (RFC 3501 §6.3.4); deleting the selected folder deselects it first."""
         folder = decode_mailbox(name)
         info = self._account().require_folder(folder)
+        await self._account().delete(folder)
         if self.mbox is not None and self.mbox.folder_id == info.id:
             self._deselect()
-            self.sendUntaggedResponse(b"OK [CLOSED] Selected folder deleted")
-        await self._account().delete(folder)
-        self.sendPositiveResponse(tag, b"DELETE completed")
+            self._untagged(b"OK [CLOSED] Selected folder deleted")  # RFC 7162 §3.2.11
+        self._ok(tag, b"DELETE completed")
 
-    async def do_RENAME(self, tag: bytes, old: bytes, new: bytes) -> None:
+    async def cmd_rename(self, tag: bytes, old: bytes, new: bytes) -> None:
+        """RENAME (RFC 3501 §6.3.5)."""
         await self._account().rename(decode_mailbox(old), decode_mailbox(new))
-        self.sendPositiveResponse(tag, b"RENAME completed")
+        self._ok(tag, b"RENAME completed")
 
-    def do_SUBSCRIBE(self, tag: bytes, name: bytes) -> None:
+    def cmd_subscribe(self, tag: bytes, name: bytes) -> None:
+        """SUBSCRIBE (RFC 3501 §6.3.6): every existing folder is subscribed."""
         self._account().subscribe(decode_mailbox(name))
-        self.sendPositiveResponse(tag, b"SUBSCRIBE completed")
+        self._ok(tag, b"SUBSCRIBE completed")
 
-    def do_UNSUBSCRIBE(self, tag: bytes, name: bytes) -> None:
+    def cmd_unsubscribe(self, tag: bytes, name: bytes) -> None:
+        """UNSUBSCRIBE (RFC 3501 §6.3.7): refused for existing folders, see :meth:`StoreAccount.unsubscribe`."""
         self._account().unsubscribe(decode_mailbox(name))
-        self.sendPositiveResponse(tag, b"UNSUBSCRIBE completed")
+        self._ok(tag, b"UNSUBSCRIBE completed")
 
     def _list(self, tag: bytes, ref: bytes, pattern: bytes, command: bytes) -> None:
         """LIST / LSUB (RFC 3501 §6.3.8, §6.3.9)."""
@@ -2723,30 +2811,32 @@ class IMAPServer(imap4.IMAP4Server):
         wildcard = decode_mailbox(pattern) if pattern else ""
         if not wildcard and command == b"LIST":
             # The hierarchy delimiter query (RFC 3501 §6.3.8).
-            self.sendUntaggedResponse(b'LIST (\\Noselect) "/" ""')
+            self._untagged(b'LIST (\\Noselect) "/" ""')
         else:
             for name, info in self._account().listMailboxes(reference, wildcard):
                 attrs = b" ".join(f.encode() for f in info.getFlags())
-                self.sendUntaggedResponse(command + b" (" + attrs + b') "/" ' + encode_mailbox(name))
-        self.sendPositiveResponse(tag, command + b" completed")
+                self._untagged(command + b" (" + attrs + b') "/" ' + encode_mailbox(name))
+        self._ok(tag, command + b" completed")
 
-    def do_LIST(self, tag: bytes, ref: bytes, pattern: bytes) -> None:
+    def cmd_list(self, tag: bytes, ref: bytes, pattern: bytes) -> None:
+        """LIST (RFC 3501 §6.3.8)."""
         self._list(tag, ref, pattern, b"LIST")
 
-    def do_LSUB(self, tag: bytes, ref: bytes, pattern: bytes) -> None:
+    def cmd_lsub(self, tag: bytes, ref: bytes, pattern: bytes) -> None:
+        """LSUB (RFC 3501 §6.3.9)."""
         self._list(tag, ref, pattern, b"LSUB")
 
-    def do_STATUS(self, tag: bytes, name: bytes, items: list[str]) -> None:
+    def cmd_status(self, tag: bytes, name: bytes, items: list[str]) -> None:
         """STATUS (RFC 3501 §6.3.10)."""
         folder = decode_mailbox(name)
         info = self._account().require_folder(folder)
         values = {"MESSAGES": info.exists, "RECENT": 0, "UIDNEXT": info.uidnext,
                   "UIDVALIDITY": info.uidvalidity, "UNSEEN": info.unseen}
         body = b" ".join(b"%s %d" % (n.encode(), values[n]) for n in items)
-        self.sendUntaggedResponse(b"STATUS " + encode_mailbox(info.name) + b" (" + body + b")")
-        self.sendPositiveResponse(tag, b"STATUS completed")
+        self._untagged(b"STATUS " + encode_mailbox(info.name) + b" (" + body + b")")
+        self._ok(tag, b"STATUS completed")
 
-    async def do_APPEND(self, tag: bytes, name: bytes, flags: list[str] | None, when: dt.datetime | None,
+    async def cmd_append(self, tag: bytes, name: bytes, flags: list[str] | None, when: dt.datetime | None,
                         message: io.BytesIO) -> None:
         """APPEND (RFC 3501 §6.3.11) answering APPENDUID (RFC 4315 §3).  Fix 4: flags and date optional."""
         raw = message.getvalue()
@@ -2758,33 +2848,34 @@ class IMAPServer(imap4.IMAP4Server):
         _, uid = await account.append_to(info, raw, flags or [], when)
         if self.mbox is not None and self.mbox.folder_id == info.id:
             self._dirty = True
-        self.sendPositiveResponse(tag, b"[APPENDUID %d %d] APPEND completed" % (info.uidvalidity, uid))
+        self._ok(tag, b"[APPENDUID %d %d] APPEND completed" % (info.uidvalidity, uid))
 
-    def do_ENABLE(self, tag: bytes, _caps: bytes) -> None:
+    def cmd_enable(self, tag: bytes, _caps: bytes) -> None:
         """ENABLE (RFC 5161): none of our extensions needs enabling, so nothing is enabled."""
-        self.sendUntaggedResponse(b"ENABLED")
-        self.sendPositiveResponse(tag, b"ENABLE completed")
+        self._untagged(b"ENABLED")
+        self._ok(tag, b"ENABLE completed")
 
-    def do_IDLE(self, tag: bytes) -> None:
+    def cmd_idle(self, tag: bytes) -> None:
         """IDLE (RFC 2177): arrivals are pushed as ``* n EXISTS`` until the client sends DONE."""
         self._idle_tag = tag
         self.parseState = "idle"
-        self.sendLine(b"+ idling")
+        self._line(b"+ idling")
         self._report_changes(force=True)
 
     def parse_idle(self, line: bytes) -> None:
+        """The line that ends IDLE must be DONE (RFC 2177 §3)."""
         tag = self._idle_tag
         self._idle_tag = None
         self.parseState = "command"
         if line.strip().upper() != b"DONE":
             self._respond(b"BAD", tag, b"Expected DONE")
             return
-        self.sendPositiveResponse(tag, b"IDLE terminated")
+        self._ok(tag, b"IDLE terminated")
 
-    def do_NAMESPACE(self, tag: bytes) -> None:
+    def cmd_namespace(self, tag: bytes) -> None:
         """NAMESPACE (RFC 2342): one personal namespace, delimiter "/"."""
-        self.sendUntaggedResponse(b'NAMESPACE (("" "/")) NIL NIL')
-        self.sendPositiveResponse(tag, b"NAMESPACE completed")
+        self._untagged(b'NAMESPACE (("" "/")) NIL NIL')
+        self._ok(tag, b"NAMESPACE completed")
 
     # -- selected ------------------------------------------------------------------------------------------
 
@@ -2798,42 +2889,43 @@ class IMAPServer(imap4.IMAP4Server):
             raise CommandNo("The folder is read-only (EXAMINE)")
         return mbox
 
-    def do_CHECK(self, tag: bytes) -> None:
+    def cmd_check(self, tag: bytes) -> None:
+        """CHECK (RFC 3501 §6.4.1): store writes are already durable; report folder changes."""
         self._report_changes(force=True)
-        self.sendPositiveResponse(tag, b"CHECK completed")
+        self._ok(tag, b"CHECK completed")
 
-    async def do_CLOSE(self, tag: bytes) -> None:
+    async def cmd_close(self, tag: bytes) -> None:
         """CLOSE (RFC 3501 §6.4.2): silent expunge when read-write, then back to authenticated."""
         mbox = self._selected()
         if mbox.isWriteable():
             await mbox.expunge_uids(None)
         self._deselect()
-        self.sendPositiveResponse(tag, b"CLOSE completed")
+        self._ok(tag, b"CLOSE completed")
 
-    def do_UNSELECT(self, tag: bytes) -> None:
+    def cmd_unselect(self, tag: bytes) -> None:
         """UNSELECT (RFC 3691): like CLOSE without the expunge."""
         self._deselect()
-        self.sendPositiveResponse(tag, b"UNSELECT completed")
+        self._ok(tag, b"UNSELECT completed")
 
-    async def do_EXPUNGE(self, tag: bytes, uids: SequenceSet | None = None, uid: int = 0) -> None:
+    async def cmd_expunge(self, tag: bytes, uids: SequenceSet | None = None, uid: int = 0) -> None:
         """EXPUNGE (RFC 3501 §6.4.3) and UID EXPUNGE (RFC 4315 §2.1)."""
         mbox = self._writable()
         chosen = None if uids is None else [u for _, u in mbox.resolve(uids, True)]
         if chosen is not None and not chosen:
-            self.sendPositiveResponse(tag, b"EXPUNGE completed")
+            self._ok(tag, b"EXPUNGE completed")
             return
         for seq in await mbox.expunge_uids(chosen):
-            self.sendUntaggedResponse(b"%d EXPUNGE" % seq)
-        self.sendPositiveResponse(tag, b"EXPUNGE completed")
+            self._untagged(b"%d EXPUNGE" % seq)
+        self._ok(tag, b"EXPUNGE completed")
 
-    async def do_SEARCH(self, tag: bytes, program: tuple[str, SearchKey], uid: int = 0) -> None:
+    async def cmd_search(self, tag: bytes, program: tuple[str, SearchKey], uid: int = 0) -> None:
         """SEARCH / UID SEARCH (RFC 3501 §6.4.4, §6.4.8).  Fix 3: evaluated by our own engine."""
         mbox = self._selected()
         self._report_arrivals()
         seqs = await mbox.search(program[1], uid=bool(uid))
         result = [mbox.getUID(s) for s in seqs] if uid else seqs
-        self.sendUntaggedResponse(b"SEARCH" + b"".join(b" %d" % n for n in result))
-        self.sendPositiveResponse(tag, b"SEARCH completed")
+        self._untagged(b"SEARCH" + b"".join(b" %d" % n for n in result))
+        self._ok(tag, b"SEARCH completed")
 
     def _report_arrivals(self) -> None:
         """Announce arrivals before a command refers to messages (EXISTS is always allowed)."""
@@ -2842,7 +2934,7 @@ class IMAPServer(imap4.IMAP4Server):
             self._dirty = False
             self.newMessages(delta.exists, delta.recent)
 
-    async def do_FETCH(self, tag: bytes, messages: SequenceSet, items: list[FetchItem], uid: int = 0) -> None:
+    async def cmd_fetch(self, tag: bytes, messages: SequenceSet, items: list[FetchItem], uid: int = 0) -> None:
         """FETCH / UID FETCH (RFC 3501 §6.4.5, §6.4.8), streamed with back-pressure.
 
         Fix 5 and 6: ENVELOPE and every body section are built from the stored bytes by this module.
@@ -2860,9 +2952,9 @@ class IMAPServer(imap4.IMAP4Server):
                         for s, m in selected]
         chunks = (render_fetch(seq, msg, items, msg.getUID() in seen_set) for seq, msg in selected)
         await _ResponseStream(self.transport, chunks).start()
-        self.sendPositiveResponse(tag, b"FETCH completed")
+        self._ok(tag, b"FETCH completed")
 
-    async def do_STORE(self, tag: bytes, messages: SequenceSet, mode: bytes, flags: list[str],
+    async def cmd_store(self, tag: bytes, messages: SequenceSet, mode: bytes, flags: list[str],
                        uid: int = 0) -> None:
         """STORE / UID STORE (RFC 3501 §6.4.6)."""
         mbox = self._writable()
@@ -2879,14 +2971,14 @@ class IMAPServer(imap4.IMAP4Server):
             for seq, u in pairs:
                 if u in changed:
                     extra = b" UID %d" % u if uid else b""
-                    self.sendUntaggedResponse(b"%d FETCH (FLAGS %s%s)" % (seq, render_flags(changed[u]), extra))
-        self.sendPositiveResponse(tag, b"STORE completed")
+                    self._untagged(b"%d FETCH (FLAGS %s%s)" % (seq, render_flags(changed[u]), extra))
+        self._ok(tag, b"STORE completed")
 
-    async def do_COPY(self, tag: bytes, messages: SequenceSet, name: bytes, uid: int = 0) -> None:
+    async def cmd_copy(self, tag: bytes, messages: SequenceSet, name: bytes, uid: int = 0) -> None:
         """COPY / UID COPY answering COPYUID (RFC 3501 §6.4.7, RFC 4315 §3)."""
         await self._copy_or_move(tag, messages, name, bool(uid), move=False)
 
-    async def do_MOVE(self, tag: bytes, messages: SequenceSet, name: bytes, uid: int = 0) -> None:
+    async def cmd_move(self, tag: bytes, messages: SequenceSet, name: bytes, uid: int = 0) -> None:
         """MOVE / UID MOVE (RFC 6851 §3): COPYUID in an untagged OK, then EXPUNGE responses."""
         await self._copy_or_move(tag, messages, name, bool(uid), move=True)
 
@@ -2899,7 +2991,7 @@ class IMAPServer(imap4.IMAP4Server):
         uids = [u for _, u in mbox.resolve(messages, uid)]
         verb = b"MOVE" if move else b"COPY"
         if not uids:
-            self.sendPositiveResponse(tag, verb + b" completed (no messages)")
+            self._ok(tag, verb + b" completed (no messages)")
             return
         store = self.factory.store
         call = store.move if move else store.copy
@@ -2909,14 +3001,14 @@ class IMAPServer(imap4.IMAP4Server):
         code = b"COPYUID %d %s %s" % (dest.uidvalidity, compress_uids([s for s, _ in pairs]),
                                        compress_uids([d for _, d in pairs]))
         if not move:
-            self.sendPositiveResponse(tag, b"[" + code + b"] COPY completed")
+            self._ok(tag, b"[" + code + b"] COPY completed")
             return
-        self.sendUntaggedResponse(b"OK [" + code + b"] Moved")
+        self._untagged(b"OK [" + code + b"] Moved")
         for seq in mbox.forget(s for s, _ in pairs):
-            self.sendUntaggedResponse(b"%d EXPUNGE" % seq)
-        self.sendPositiveResponse(tag, b"MOVE completed")
+            self._untagged(b"%d EXPUNGE" % seq)
+        self._ok(tag, b"MOVE completed")
 
-    def do_UID(self, tag: bytes, command: bytes, line: bytes) -> None:
+    def cmd_uid(self, tag: bytes, command: bytes, line: bytes) -> None:
         """UID FETCH/SEARCH/STORE/COPY/MOVE (RFC 3501 §6.4.8, RFC 6851) and UID EXPUNGE (RFC 4315)."""
         entry = self._UID_COMMANDS.get(command.upper())
         if entry is None:
@@ -2925,47 +3017,63 @@ class IMAPServer(imap4.IMAP4Server):
         handler, *parsers = entry
         self._run_parsers(tag, handler, [tag], parsers, line or None, 1)
 
-    # -- dispatch tables (Twisted looks up "<state>_<COMMAND>") ------------------------------------------
+    # -- the command table --------------------------------------------------------------------------------
+    # Handler first, then its argument parsers (Twisted's convention).  Commands absent from a state's
+    # table get "BAD Command not valid in this state".
 
-    unauth_CAPABILITY = auth_CAPABILITY = select_CAPABILITY = (do_CAPABILITY,)
-    unauth_NOOP = auth_NOOP = select_NOOP = (do_NOOP,)
-    unauth_LOGOUT = auth_LOGOUT = select_LOGOUT = (do_LOGOUT,)
-    unauth_ID = auth_ID = select_ID = (do_ID, arg_id_params)
-    unauth_STARTTLS = (do_STARTTLS,)
-    unauth_AUTHENTICATE = (do_AUTHENTICATE, arg_atom, opt_initial_response)
-    unauth_LOGIN = (do_LOGIN, arg_line)
-    auth_ENABLE = (do_ENABLE, arg_line)
-    auth_NAMESPACE = select_NAMESPACE = (do_NAMESPACE,)
-    auth_SELECT = select_SELECT = (do_SELECT, arg_finalastring)
-    auth_EXAMINE = select_EXAMINE = (do_EXAMINE, arg_finalastring)
-    auth_CREATE = select_CREATE = (do_CREATE, arg_finalastring)
-    auth_DELETE = select_DELETE = (do_DELETE, arg_finalastring)
-    auth_RENAME = select_RENAME = (do_RENAME, arg_astring, arg_finalastring)
-    auth_SUBSCRIBE = select_SUBSCRIBE = (do_SUBSCRIBE, arg_finalastring)
-    auth_UNSUBSCRIBE = select_UNSUBSCRIBE = (do_UNSUBSCRIBE, arg_finalastring)
-    auth_LIST = select_LIST = (do_LIST, arg_astring, arg_list_mailbox)
-    auth_LSUB = select_LSUB = (do_LSUB, arg_astring, arg_list_mailbox)
-    auth_STATUS = select_STATUS = (do_STATUS, arg_astring, arg_status_items)
-    auth_APPEND = select_APPEND = (do_APPEND, arg_astring, opt_flaglist, opt_datetime, arg_literal)
-    auth_IDLE = select_IDLE = (do_IDLE,)
-    select_CHECK = (do_CHECK,)
-    select_CLOSE = (do_CLOSE,)
-    select_UNSELECT = (do_UNSELECT,)
-    select_EXPUNGE = (do_EXPUNGE,)
-    select_SEARCH = (do_SEARCH, arg_searchkeys)
-    select_FETCH = (do_FETCH, arg_seqset, arg_fetchatt)
-    select_STORE = (do_STORE, arg_seqset, arg_atom, arg_flaglist)
-    select_COPY = (do_COPY, arg_seqset, arg_finalastring)
-    select_MOVE = (do_MOVE, arg_seqset, arg_finalastring)
-    select_UID = (do_UID, arg_atom, arg_line)
-    _UID_COMMANDS: dict[bytes, tuple[Any, ...]] = {
-        b"FETCH": select_FETCH,
-        b"SEARCH": select_SEARCH,
-        b"STORE": select_STORE,
-        b"COPY": select_COPY,
-        b"MOVE": select_MOVE,
-        b"EXPUNGE": (do_EXPUNGE, arg_seqset),
+    _any_state: dict[bytes, tuple[Any, ...]] = {
+        b"CAPABILITY": (cmd_capability,),
+        b"NOOP": (cmd_noop,),
+        b"LOGOUT": (cmd_logout,),
+        b"ID": (cmd_id, arg_id_params),
     }
+    _authenticated: dict[bytes, tuple[Any, ...]] = {
+        **_any_state,
+        b"ENABLE": (cmd_enable, arg_line),
+        b"NAMESPACE": (cmd_namespace,),
+        b"SELECT": (cmd_select, arg_finalastring),
+        b"EXAMINE": (cmd_examine, arg_finalastring),
+        b"CREATE": (cmd_create, arg_finalastring),
+        b"DELETE": (cmd_delete, arg_finalastring),
+        b"RENAME": (cmd_rename, arg_astring, arg_finalastring),
+        b"SUBSCRIBE": (cmd_subscribe, arg_finalastring),
+        b"UNSUBSCRIBE": (cmd_unsubscribe, arg_finalastring),
+        b"LIST": (cmd_list, arg_astring, arg_list_mailbox),
+        b"LSUB": (cmd_lsub, arg_astring, arg_list_mailbox),
+        b"STATUS": (cmd_status, arg_astring, arg_status_items),
+        b"APPEND": (cmd_append, arg_astring, opt_flaglist, opt_datetime, arg_literal),
+        b"IDLE": (cmd_idle,),
+    }
+    _UID_COMMANDS: ClassVar[dict[bytes, tuple[Any, ...]]] = {
+        b"FETCH": (cmd_fetch, arg_seqset, arg_fetchatt),
+        b"SEARCH": (cmd_search, arg_searchkeys),
+        b"STORE": (cmd_store, arg_seqset, arg_atom, arg_flaglist),
+        b"COPY": (cmd_copy, arg_seqset, arg_finalastring),
+        b"MOVE": (cmd_move, arg_seqset, arg_finalastring),
+        b"EXPUNGE": (cmd_expunge, arg_seqset),  # RFC 4315 §2.1
+    }
+    COMMANDS: ClassVar[dict[str, dict[bytes, tuple[Any, ...]]]] = {
+        "unauth": {
+            **_any_state,
+            b"STARTTLS": (do_STARTTLS,),
+            b"AUTHENTICATE": (cmd_authenticate, arg_atom, opt_initial_response),
+            b"LOGIN": (cmd_login, arg_line),
+        },
+        "auth": _authenticated,
+        "select": {
+            **{k: v for k, v in _authenticated.items() if k != b"ENABLE"},  # RFC 5161 §3.1
+            **{k: v for k, v in _UID_COMMANDS.items() if k != b"EXPUNGE"},
+            b"CHECK": (cmd_check,),
+            b"CLOSE": (cmd_close,),
+            b"UNSELECT": (cmd_unselect,),
+            b"EXPUNGE": (cmd_expunge,),
+            b"UID": (cmd_uid, arg_atom, arg_line),
+        },
+    }
+    del _any_state, _authenticated
+
+    # Fix 1, belt and braces: Twisted's own table entry points at the unfixed base method.
+    unauth_STARTTLS = (do_STARTTLS,)  # type: ignore[assignment]
 
 
 class _AppendLiteral:
@@ -2995,7 +3103,7 @@ class _AppendLiteral:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class IMAPFactory(protocol.Factory):
+class IMAPFactory(protocol.Factory[IMAPServer]):
     """Builds one :class:`IMAPServer` per connection, sharing the store, authenticator and audit sink."""
 
     noisy = False
@@ -3017,6 +3125,7 @@ class IMAPFactory(protocol.Factory):
         return f"{self._connections:x}"
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
+        """One protocol, with its own session state, per connection."""
         proto = IMAPServer(self)
         proto.factory = self
         return proto
@@ -3031,7 +3140,7 @@ def build_imap_factory(
     implicit_tls: bool,
     max_append_size: int = DEFAULT_MAX_APPEND_SIZE,
     hostname: str = "localhost",
-) -> protocol.Factory:
+) -> protocol.Factory[IMAPServer]:
     """An IMAP server factory.
 
     ``tls_context_factory`` has ``getContext()`` returning a pyOpenSSL context that requests a client
