@@ -54,13 +54,13 @@ from typing import (
     cast,
 )
 
-from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, interfaces, protocol
 from twisted.internet.defer import Deferred
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from crypto.tls import twisted_peer_certificate_der
 from mailserver.audit_api import AuditEvent, AuditSink
 from mailserver.store_api import FlagMode, FolderInfo, MailStore, StoredMessage
 
@@ -2682,16 +2682,7 @@ class IMAPServer(imap4.IMAP4Server):
         d.addErrback(self._command_failed, tag)
 
     def _peer_certificate_der(self) -> bytes | None:
-        try:
-            cert = self.transport.getPeerCertificate()
-        except Exception:
-            return None
-        if cert is None:
-            return None
-        if hasattr(cert, "to_cryptography"):  # pyOpenSSL X509 (Twisted's TLS transports)
-            cert = cert.to_cryptography()
-        der: bytes = cert.public_bytes(serialization.Encoding.DER)
-        return der
+        return twisted_peer_certificate_der(self.transport)
 
     async def _authenticate_external(self, tag: bytes, response: bytes) -> None:
         text = response.strip()

@@ -81,6 +81,14 @@ def running(state: Path) -> Iterator[Running]:
     demo = json.loads((state / "demo" / "demo.json").read_text())
     yield Running(loop, handler, server, server.sockets[0].getsockname()[1], state, demo)
     asyncio.run_coroutine_threadsafe(shutdown(handler, [server], grace=5), loop).result(10)
+
+    async def drain() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(drain(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
     loop.close()
