@@ -30,6 +30,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
+from OpenSSL._util import lib as _pyopenssl_lib
 from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator, ISSLTransport
 from zope.interface import implementer
 
@@ -101,6 +102,7 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     _apply_profile(ctx)
     ctx.load_cert_chain(certfile=os.fspath(cert_file), keyfile=os.fspath(key_file))
     accept_any_client_certificate(ctx)
+    restrict_key_exchange_groups(ctx)
     return ctx
 
 
@@ -175,6 +177,9 @@ class _LibSSL:
         self.SSL_CTX_set_verify = library.SSL_CTX_set_verify
         self.SSL_CTX_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, _VerifyCallback]
         self.SSL_CTX_set_verify.restype = None
+        self.SSL_CTX_ctrl = library.SSL_CTX_ctrl
+        self.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        self.SSL_CTX_ctrl.restype = ctypes.c_long
         # OpenSSL_version_num lives in libcrypto, a dependency of libssl: dlsym(3) on a handle searches
         # the dependencies too.
         self.OpenSSL_version_num = library.OpenSSL_version_num
@@ -298,6 +303,25 @@ def accept_any_client_certificate(ctx: ssl.SSLContext) -> None:
         raise RuntimeError("the verify callback was not installed on the TLS context")
 
 
+# SSL_CTX_set1_groups_list(3) is a macro over SSL_CTX_ctrl with this command number (ssl.h).
+_SSL_CTRL_SET_GROUPS_LIST: Final = 92
+TLS_GROUPS: Final = "X25519:P-256:P-384"
+
+
+def restrict_key_exchange_groups(ctx: ssl.SSLContext, groups: str = TLS_GROUPS) -> None:
+    """Limit (EC)DHE key exchange to `groups` (REFERENCE.md §1: X25519, P-256, P-384).
+
+    Python's :mod:`ssl` (before 3.13) can set only one ECDH curve and none for TLS 1.3, so OpenSSL's
+    default list (with X448, P-521 and the FFDHE groups) would stay on offer. Same pointer proof as
+    :func:`accept_any_client_certificate`, then ``SSL_CTX_set1_groups_list``.
+    """
+    lib = _libssl()
+    pointer = _ssl_ctx_pointer(ctx)
+    _check_pointer(lib, pointer, ctx)
+    if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups.encode("ascii"))) != 1:
+        raise RuntimeError(f"OpenSSL refused the key exchange groups {groups!r}")
+
+
 # -------------------- pyOpenSSL / Twisted (IMAP4 STARTTLS, listenSSL)
 
 
@@ -324,6 +348,10 @@ def _pyopenssl_server_context(cert_file: Path, key_file: Path) -> SSL.Context:
     context.use_privatekey_file(os.fspath(key_file))
     context.check_privatekey()
     context.set_verify(SSL.VERIFY_PEER, _accept_any_pyopenssl)
+    # pyOpenSSL has no public groups API; its binding exposes SSL_CTX_set1_curves_list (the same call as
+    # SSL_CTX_set1_groups_list in OpenSSL 3). One private attribute, here only.
+    if _pyopenssl_lib.SSL_CTX_set1_curves_list(context._context, TLS_GROUPS.encode("ascii")) != 1:
+        raise RuntimeError(f"OpenSSL refused the key exchange groups {TLS_GROUPS!r}")
     # OpenSSL refuses to resume sessions of a context that verifies peers without a session id context.
     context.set_session_id(b"caducee")
     return context

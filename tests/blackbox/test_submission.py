@@ -295,3 +295,12 @@ def test_tls_versions_and_suites(server: ServerProcess, listener: str, extra: li
                 ["-tls1_2", "-cipher", "AES256-GCM-SHA384"]):
         r = _s_client(*target, *bad)
         assert "Protocol version" not in r.stderr, (bad, r.stderr)
+
+
+@pytest.mark.parametrize("listener,extra", [("submissions", []), ("imaps", [])])
+def test_key_exchange_groups_are_restricted(server: ServerProcess, listener: str, extra: list[str]) -> None:
+    target = ["-connect", f"127.0.0.1:{server.port(listener)}", *extra]
+    for group in ("X25519", "P-256", "P-384"):
+        assert "Protocol version" in _s_client(*target, "-groups", group).stderr, group
+    for group in ("X448", "P-521", "ffdhe2048"):
+        assert "Protocol version" not in _s_client(*target, "-groups", group).stderr, group
