@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = pki.add_parser("revoke", parents=[state], help="revoke a certificate and publish new CRLs")
     p.add_argument("certificate", help="PEM file of the certificate, or its serial number")
     p.set_defaults(func=cmd_pki_revoke)
+
+    from caducee import cli_mdn, cli_trust
+
+    cli_trust.register(sub, state)
+    cli_mdn.register(sub, state)
     return parser
 
 

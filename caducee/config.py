@@ -41,6 +41,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ListenConfig:
+    relay: HostPort | None = HostPort("127.0.0.1", 2525)
     submission: HostPort | None = HostPort("127.0.0.1", 5587)
     submissions: HostPort | None = HostPort("127.0.0.1", 5465)
     imap: HostPort | None = HostPort("127.0.0.1", 1143)
@@ -57,6 +58,28 @@ class TlsConfig:
         Path("pki/crl/persons.crl.pem"),
         Path("pki/crl/organisations.crl.pem"),
     )
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    # ListeBlancheMSSante XML: a file path or an https URL; "" = no automatic refresh.
+    source: str = ""
+    # Its SHA-256: a file path or URL of the published checksum, or the hex digest itself; "" = none.
+    checksum: str = ""
+    refresh_interval: int = 86400
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    # Per-domain next hop "host:port" instead of the MX lookup (tests, private links).
+    next_hops: dict[str, HostPort] = field(default_factory=dict)
+    max_hops: int = 30
+    connect_timeout: int = 30
+    retry_initial: int = 60  # seconds before the first retry; doubles, with jitter
+    retry_max: int = 3600
+    delay_warning: int = 4 * 3600  # a delay DSN after this long
+    max_lifetime: int = 5 * 86400  # then a failure DSN, and the message is dropped
+    lease: int = 300  # seconds a worker holds a claimed recipient
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -109,6 +134,8 @@ SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "listen": ListenConfig,
     "tls": TlsConfig,
+    "trust": TrustConfig,
+    "relay": RelayConfig,
     "database": DatabaseConfig,
     "storage": StorageConfig,
     "limits": LimitsConfig,
@@ -136,6 +163,16 @@ def _parse_hostport(value: Any) -> HostPort | None:
 def _convert(section: str, key: str, value: Any, default: Any) -> Any:
     if section == "listen":
         return _parse_hostport(value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ValueError('expected a table { "domain" = "host:port" }')
+        hops = {}
+        for domain, where in value.items():
+            hop = _parse_hostport(where)
+            if hop is None:
+                raise ValueError(f"{domain}: expected host:port")
+            hops[domain.lower()] = hop
+        return hops
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError("expected true or false")
@@ -240,6 +277,7 @@ structure_id = "{d.server.structure_id}"
 
 [listen]
 # "host:port"; "" disables a listener. Production ports: 587, 465, 143, 993.
+relay = "{lst.relay}"               # SMTP between operators of the trust space, mutual TLS
 submission = "{lst.submission}"     # SMTP submission, STARTTLS required before AUTH
 submissions = "{lst.submissions}"   # SMTP submission, implicit TLS
 imap = "{lst.imap}"                 # IMAP, STARTTLS required before AUTHENTICATE
@@ -253,6 +291,25 @@ key = "{d.tls.key}"
 trust_anchors = "{d.tls.trust_anchors}"
 # Revocation lists of those authorities; a certificate whose CA has no valid CRL is refused.
 crls = [{crls}]
+
+[trust]
+# The national whitelist of operator domains (ListeBlancheMSSante XML): a path or an https URL.
+# "" = none; administer it with `caducee trust import|add|remove`.
+source = "{d.trust.source}"
+# Its published SHA-256 (a path or URL of the checksum file, or the hex digest); "" = not checked.
+checksum = "{d.trust.checksum}"
+refresh_interval = {d.trust.refresh_interval}   # seconds; a list that fails to load keeps the last good one
+
+[relay]
+# Next hop per domain instead of the MX lookup, e.g. {{ "autre-operateur.test" = "127.0.0.1:2526" }}
+next_hops = {{}}
+max_hops = {d.relay.max_hops}                # Received fields beyond which a message is a loop
+connect_timeout = {d.relay.connect_timeout}
+retry_initial = {d.relay.retry_initial}           # seconds; doubles at each attempt, with jitter
+retry_max = {d.relay.retry_max}
+delay_warning = {d.relay.delay_warning}         # delay DSN after this many seconds
+max_lifetime = {d.relay.max_lifetime}         # failure DSN and drop after this many seconds
+lease = {d.relay.lease}
 
 [database]
 # SQLite (embedded default, relative to this folder) or PostgreSQL:

@@ -176,7 +176,7 @@ def _init_demo(cfg: config_mod.Config, pki: DevPKI, say: Callable[[str], None]) 
         "p12_password": DEMO_P12_PASSWORD,
         "domain": domain,
         "ports": {
-            "relay": None,
+            "relay": lst.relay.port if lst.relay else None,
             "submission": lst.submission.port if lst.submission else None,
             "submissions": lst.submissions.port if lst.submissions else None,
             "imap": lst.imap.port if lst.imap else None,

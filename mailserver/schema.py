@@ -21,6 +21,10 @@ queue_messages = sa.Table(
     sa.Column("principal", sa.String(32), nullable=True),  # national id of the submitter
     sa.Column("header_message_id", sa.String(998), nullable=True),
     sa.Column("received_at", TZDateTime, nullable=False),
+    # Trace fields counted on arrival: a message with too many hops is looping (RFC 5321 §6.3).
+    sa.Column("hops", sa.Integer, nullable=False, server_default="0"),
+    # "dsn" / "mdn" when the message is itself a report: never answered by another report.
+    sa.Column("report_kind", sa.String(8), nullable=True),
 )
 
 queue_recipients = sa.Table(
@@ -38,6 +42,10 @@ queue_recipients = sa.Table(
     sa.Column("lease_expires", TZDateTime, nullable=True),
     sa.Column("last_error", sa.String(500), nullable=True),
     sa.Column("updated_at", TZDateTime, nullable=False),
+    sa.Column("last_attempt_at", TZDateTime, nullable=True),
+    # The peer dropped the connection after our final dot: it may have the message (possible duplicate).
+    sa.Column("uncertain", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("delay_reported", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_queue_recipients_due", "state", "next_attempt_at"),
 )
 
@@ -82,4 +90,46 @@ audit_log = sa.Table(
     sa.Column("detail", sa.Text, nullable=True),  # JSON object of short strings
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
+)
+
+# -- the trust space (issue: relay between operators) --
+
+# Operator domains of the trust space, each tied to the subject DN of its operator certificate
+# (ListeBlancheMSSante, REFERENCE.md §1). `source` is "national" for the imported list, "local" for
+# entries an administrator added; an import replaces the national entries only.
+trust_domains = sa.Table(
+    "trust_domains",
+    metadata,
+    sa.Column("domain", sa.String(255), primary_key=True),
+    sa.Column("operator_dn", sa.String(1000), nullable=False),
+    sa.Column("description", sa.String(500), nullable=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("updated_at", TZDateTime, nullable=False),
+)
+
+# Every accepted whitelist import, newest last: what was loaded, from where, with which checksum.
+trust_imports = sa.Table(
+    "trust_imports",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("imported_at", TZDateTime, nullable=False),
+    sa.Column("generated_at", TZDateTime, nullable=True),  # <DateDeGeneration>
+    sa.Column("source", sa.String(1000), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("domains", sa.Integer, nullable=False),
+)
+
+# Delivery status (DSN, RFC 3464) and dispositions (MDN, RFC 8098) seen for a message, correlated by
+# its Message-ID, so that the sender's software can ask what became of what it sent.
+delivery_reports = sa.Table(
+    "delivery_reports",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("original_message_id", sa.String(998), nullable=False, index=True),
+    sa.Column("sender", sa.String(320), nullable=True),
+    sa.Column("recipient", sa.String(320), nullable=False),
+    sa.Column("kind", sa.String(8), nullable=False),  # dsn | mdn
+    sa.Column("status", sa.String(64), nullable=False),  # DSN action or MDN disposition type
+    sa.Column("detail", sa.String(500), nullable=True),  # status code, MDN error code, diagnostic
+    sa.Column("at", TZDateTime, nullable=False),
 )

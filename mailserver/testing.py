@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LISTENERS = ("submission", "submissions", "imap", "imaps")
+LISTENERS = ("relay", "submission", "submissions", "imap", "imaps")
 
 
 def free_port() -> int:
@@ -41,7 +41,7 @@ def init_state(state: Path, *, domain: str = "caducee.localhost", ports: dict[st
     state.mkdir(parents=True, exist_ok=True)
     text = sample(domain)
     for name, port in ports.items():
-        default = {"submission": 5587, "submissions": 5465, "imap": 1143, "imaps": 1993}[name]
+        default = {"relay": 2525, "submission": 5587, "submissions": 5465, "imap": 1143, "imaps": 1993}[name]
         text = text.replace(f'{name} = "127.0.0.1:{default}"', f'{name} = "127.0.0.1:{port}"')
     (state / "caducee.toml").write_text(text + extra_config, encoding="utf-8")
     subprocess.run(caducee_command("init", "--state", str(state), "--demo"), check=True,
