@@ -44,6 +44,7 @@ class Node:
     cfg: Config
     parts: dict[str, Any] = field(default_factory=dict)
     smtp_servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    relay_servers: list[asyncio.base_events.Server] = field(default_factory=list)
     twisted_ports: list[Any] = field(default_factory=list)
     addresses: dict[str, str] = field(default_factory=dict)
 
@@ -62,7 +63,11 @@ async def start(cfg: Config) -> Node:
     from mailserver.imap_server import build_imap_factory
     from mailserver.queue import Queue
     from mailserver.smtp_server import SubmissionHandler, SubmissionSettings, make_protocol_factory
+    from mailserver.relay_server import RelayHandler, RelaySettings, make_relay_factory
+    from mailserver.reports import ReportSettings, ReportWorker
+    from mailserver.smtp_client import NextHop, RemoteDelivery, RemoteSettings
     from mailserver.store import SqlMailStore
+    from mailserver.trust import TrustRefresher, TrustStore
 
     node = Node(cfg)
     await asyncio.to_thread(database.upgrade, cfg.database_url)
@@ -77,11 +82,24 @@ async def start(cfg: Config) -> Node:
     audit = AuditTrail(writer)
     queue = Queue(writer, blobs)
     store = SqlMailStore(read_engine, writer, blobs)
-    delivery = LocalDelivery(queue, store, frozenset(cfg.server.domains))
+    local_domains = frozenset(cfg.server.domains)
+    delivery = LocalDelivery(queue, store, local_domains)
+    trust = TrustStore(read_engine, writer, archive_dir=cfg.state_dir / "trust")
+    cert, key = cfg.path(cfg.tls.certificate), cfg.path(cfg.tls.key)
+    remote = RemoteDelivery(queue, blobs, trust, validator, RemoteSettings(
+        hostname=cfg.server.hostname, local_domains=local_domains, certificate=cert, key=key,
+        ca_bundle=cfg.path(cfg.tls.trust_anchors),
+        next_hops={d: NextHop(h.host, h.port) for d, h in cfg.relay.next_hops.items()},
+        connect_timeout=cfg.relay.connect_timeout, retry_initial=cfg.relay.retry_initial,
+        retry_max=cfg.relay.retry_max, max_lifetime=cfg.relay.max_lifetime, lease=cfg.relay.lease))
+    reports = ReportWorker(queue, blobs, ReportSettings(
+        hostname=cfg.server.hostname, postmaster=f"mailer-daemon@{cfg.server.domains[0]}",
+        delay_warning=cfg.relay.delay_warning, max_lifetime=cfg.relay.max_lifetime))
+    refresher = TrustRefresher(trust, cfg.trust, cfg.state_dir) if cfg.trust.source else None
     node.parts.update(read_engine=read_engine, writer=writer, queue=queue, store=store, delivery=delivery,
+                      remote=remote, reports=reports, refresher=refresher, trust=trust,
                       audit=audit, directory=directory, authenticator=authenticator)
 
-    cert, key = cfg.path(cfg.tls.certificate), cfg.path(cfg.tls.key)
     tls = server_context(cert, key)
     settings = SubmissionSettings(
         hostname=cfg.server.hostname,
@@ -90,10 +108,20 @@ async def start(cfg: Config) -> Node:
         max_recipients=cfg.limits.max_recipients,
         timeout=cfg.limits.smtp_timeout,
     )
-    handler = SubmissionHandler(settings, authenticator, directory, queue, audit)
+    handler = SubmissionHandler(settings, authenticator, directory, queue, audit, trust)
+    relay_handler = RelayHandler(
+        RelaySettings(hostname=cfg.server.hostname, local_domains=local_domains,
+                      max_message_size=cfg.limits.max_message_size, max_recipients=cfg.limits.max_recipients,
+                      max_hops=cfg.relay.max_hops, timeout=cfg.limits.smtp_timeout),
+        validator, trust, directory, queue, audit)
     node.parts["smtp_handler"] = handler
+    node.parts["relay_handler"] = relay_handler
     loop = asyncio.get_running_loop()
     delivery.start()
+    remote.start()
+    reports.start()
+    if refresher is not None:
+        refresher.start()
 
     async def listen_smtp(name: str, where: HostPort | None, implicit: bool) -> None:
         if where is None:
@@ -106,6 +134,12 @@ async def start(cfg: Config) -> Node:
         host, port = server.sockets[0].getsockname()[:2]
         node.addresses[name] = f"{host}:{port}"
 
+    if cfg.listen.relay is not None:
+        relay_server = await loop.create_server(make_relay_factory(relay_handler, tls), cfg.listen.relay.host,
+                                                cfg.listen.relay.port, reuse_address=True)
+        node.relay_servers.append(relay_server)
+        host, port = relay_server.sockets[0].getsockname()[:2]
+        node.addresses["relay"] = f"{host}:{port}"
     await listen_smtp("submission", cfg.listen.submission, False)
     await listen_smtp("submissions", cfg.listen.submissions, True)
 
@@ -155,13 +189,20 @@ async def stop(node: Node) -> None:
     log.info("event=stopping")
     for port in node.twisted_ports:
         await _from_deferred(port.stopListening())
-    await shutdown(node.parts["smtp_handler"], node.smtp_servers)
+    await asyncio.gather(shutdown(node.parts["smtp_handler"], node.smtp_servers),
+                         shutdown(node.parts["relay_handler"], node.relay_servers))
+    if node.parts.get("refresher") is not None:
+        await node.parts["refresher"].stop()
     await node.parts["delivery"].stop()
+    await node.parts["remote"].stop()
+    await node.parts["reports"].stop()
     writer = node.parts["writer"]
     await asyncio.to_thread(writer.stop)
     node.parts["read_engine"].dispose()
-    log.info("event=stopped accepted=%d delivered=%d db_jobs=%d db_commits=%d",
-             node.parts["smtp_handler"].accepted, node.parts["delivery"].delivered, writer.jobs, writer.batches)
+    log.info("event=stopped accepted=%d relayed_in=%d delivered=%d relayed_out=%d reports=%d db_jobs=%d "
+             "db_commits=%d", node.parts["smtp_handler"].accepted, node.parts["relay_handler"].accepted,
+             node.parts["delivery"].delivered, node.parts["remote"].relayed, node.parts["reports"].sent,
+             writer.jobs, writer.batches)
 
 
 async def _from_deferred(d: Any) -> Any:

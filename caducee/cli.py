@@ -95,6 +95,55 @@ def cmd_mailbox_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reports(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from mailserver.db import make_engine
+    from mailserver.schema import delivery_reports
+
+    engine = make_engine(_load(args).database_url)
+    query = sa.select(delivery_reports).order_by(delivery_reports.c.id)
+    if args.message_id:
+        wanted = args.message_id.strip()
+        if not wanted.startswith("<"):
+            wanted = f"<{wanted}>"
+        query = query.where(delivery_reports.c.original_message_id == wanted)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    for r in rows:
+        if args.json:
+            print(json.dumps({"message_id": r.original_message_id, "recipient": r.recipient, "kind": r.kind,
+                              "status": r.status, "detail": r.detail, "at": r.at.isoformat()}))
+        else:
+            print(f"{r.at.isoformat(timespec='seconds')} {r.kind:<4} {r.status:<12} {r.recipient:<40} "
+                  f"{r.detail or ''} {r.original_message_id}")
+    if not rows and args.message_id:
+        print(f"no delivery report or read receipt received yet for {args.message_id}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from mailserver.db import make_engine
+    from mailserver.schema import queue_messages, queue_recipients
+
+    engine = make_engine(_load(args).database_url)
+    query = (sa.select(queue_recipients, queue_messages.c.received_at, queue_messages.c.size)
+             .join(queue_messages, queue_messages.c.id == queue_recipients.c.message_id)
+             .order_by(queue_recipients.c.id))
+    if not args.all:
+        query = query.where(queue_recipients.c.state == "queued")
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    for r in rows:
+        print(f"{r.message_id} {r.state:<13} attempts={r.attempts:<3} next={r.next_attempt_at:%Y-%m-%dT%H:%M:%S} "
+              f"{'uncertain ' if r.uncertain else ''}{r.rcpt} {r.last_error or ''}")
+    print(f"{len(rows)} recipient(s)", file=sys.stderr)
+    return 0
+
+
 def cmd_pki_revoke(args: argparse.Namespace) -> int:
     from crypto.pki import DevPKI
 
@@ -144,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = pki.add_parser("revoke", parents=[state], help="revoke a certificate and publish new CRLs")
     p.add_argument("certificate", help="PEM file of the certificate, or its serial number")
     p.set_defaults(func=cmd_pki_revoke)
+
+    p = sub.add_parser("reports", parents=[state], help="delivery reports and read receipts received for sent mail",
+                       description="DSN (accusés de réception) and MDN (accusés de lecture) delivered here, "
+                                   "correlated with the Message-ID of the message they are about.")
+    p.add_argument("--message-id", help="only reports about this Message-ID")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_reports)
+
+    queue = sub.add_parser("queue", help="the delivery queue").add_subparsers(
+        dest="queue_command", metavar="ACTION", required=True)
+    p = queue.add_parser("list", parents=[state], help="recipients waiting for delivery")
+    p.add_argument("--all", action="store_true", help="also delivered, relayed and failed recipients")
+    p.set_defaults(func=cmd_queue_list)
 
     from caducee import cli_mdn, cli_trust
 

@@ -19,6 +19,10 @@ class AuditEvent(enum.Enum):
     DELETE = "delete"  # message expunged
     APPEND = "append"  # message stored by a client (IMAP APPEND)
     ADMIN = "admin"  # administrative change
+    RELAY_IN = "relay_in"  # message accepted from another operator of the trust space
+    RELAY_OUT = "relay_out"  # message handed to another operator
+    RELAY_REFUSED = "relay_refused"  # a peer refused: not on the whitelist, bad certificate
+    REPORT = "report"  # a delivery status notification or disposition notification sent
 
 
 class AuditSink(Protocol):

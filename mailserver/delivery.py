@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import sqlalchemy as sa
 
@@ -19,6 +20,7 @@ from mailserver.audit import append_in
 from mailserver.audit_api import AuditEvent
 from mailserver.queue import Queue, RecipientState
 from mailserver.schema import queue_messages, queue_recipients
+from mailserver.reports import record_report_in
 from mailserver.store import SqlMailStore, deliver_in
 
 log = logging.getLogger(__name__)
@@ -34,18 +36,26 @@ class Delivered:
     uid: int
 
 
-def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: int = BATCH) -> list[Delivered]:
-    """Deliver up to `limit` due local recipients inside the caller's transaction."""
+def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: int = BATCH,
+                   read_blob: Callable[[str], bytes] | None = None) -> list[Delivered]:
+    """Deliver up to `limit` due local recipients inside the caller's transaction.
+
+    A recipient whose sender asked NOTIFY=SUCCESS is left with a success report to send (the
+    "accusé de réception", mailserver.reports). A delivered report (DSN or MDN) is also recorded against
+    the message it reports on (`delivery_reports`), when `read_blob` is given.
+    """
     now = dt.datetime.now(dt.timezone.utc)
     due = conn.execute(
         sa.select(
             queue_recipients.c.id, queue_recipients.c.rcpt, queue_recipients.c.message_id,
             queue_messages.c.blob, queue_messages.c.size, queue_messages.c.header_message_id,
-            queue_messages.c.received_at,
+            queue_messages.c.received_at, queue_messages.c.mail_from, queue_messages.c.report_kind,
+            queue_recipients.c.notify,
         )
         .join(queue_messages, queue_messages.c.id == queue_recipients.c.message_id)
         .where(
             queue_recipients.c.state == RecipientState.QUEUED,
+            sa.or_(*[queue_recipients.c.rcpt.like(f"%@{d}") for d in sorted(local_domains)]),
             queue_recipients.c.next_attempt_at <= now,
             sa.or_(queue_recipients.c.lease_expires.is_(None), queue_recipients.c.lease_expires < now),
         )
@@ -75,10 +85,14 @@ def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: in
             conn, mailbox.id, row.blob, row.size, header_message_id=row.header_message_id,
             queue_recipient_id=row.id, internaldate=now,
         )
+        success_report = bool(row.mail_from) and not row.report_kind and "SUCCESS" in (row.notify or "")
         conn.execute(
             sa.update(queue_recipients).where(queue_recipients.c.id == row.id).values(
-                state=RecipientState.DELIVERED, attempts=queue_recipients.c.attempts + 1, updated_at=now)
+                state=RecipientState.DSN_DELIVERED if success_report else RecipientState.DELIVERED,
+                attempts=queue_recipients.c.attempts + 1, last_attempt_at=now, updated_at=now)
         )
+        if row.report_kind and read_blob is not None:
+            record_report_in(conn, read_blob(row.blob), now)
         append_in(conn, AuditEvent.DELIVER, actor="delivery", protocol="local", mailbox=mailbox.address,
                   message_id=row.header_message_id, detail={"queue_id": row.message_id}, at=now)
         done.append(Delivered(row.message_id, mailbox.address, folder_id, uid))
@@ -96,28 +110,32 @@ class LocalDelivery:
         self.delivered = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.wakeup = queue.subscribe()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="local-delivery")
 
     async def stop(self) -> None:
         self._stopping = True
-        self.queue.wakeup.set()
+        self.wakeup.set()
         if self._task:
             await self._task
 
     async def run_once(self) -> list[Delivered]:
-        done = await self.queue.writer.run(lambda conn: deliver_due_in(conn, self.local_domains))
+        done = await self.queue.writer.run(
+            lambda conn: deliver_due_in(conn, self.local_domains, read_blob=self.store.read_blob))
         for item in done:
             log.info("event=delivered queue_id=%s folder=%s uid=%s", item.queue_id, item.folder_id, item.uid)
         for folder_id in {d.folder_id for d in done}:
             self.store.notify(folder_id)
         self.delivered += len(done)
+        if done:
+            self.queue.notify()  # success reports may be due
         return done
 
     async def _run(self) -> None:
         while not self._stopping:
-            self.queue.wakeup.clear()  # before the batch: an acceptance committed meanwhile re-arms it
+            self.wakeup.clear()  # before the batch: an acceptance committed meanwhile re-arms it
             try:
                 done = await self.run_once()
             except Exception:  # noqa: BLE001 - keep delivering; the failure is logged and retried
@@ -126,6 +144,6 @@ class LocalDelivery:
             if len(done) >= BATCH:
                 continue
             try:
-                await asyncio.wait_for(self.queue.wakeup.wait(), timeout=self.poll)
+                await asyncio.wait_for(self.wakeup.wait(), timeout=self.poll)
             except asyncio.TimeoutError:
                 pass

@@ -1,8 +1,8 @@
 """Submission policy as plain functions: values in, a refusal `Reply` (or None) out. No sockets.
 
 - check_sender: MAIL FROM must be a mailbox of the authenticated principal (anti-spoofing, DESIGN.md §4);
-- check_recipient: local and known (550 5.1.1), or refused as relaying (550 5.7.1) — the trust-space
-  relay comes later;
+- check_recipient: local and known (550 5.1.1), or in a whitelisted domain of another operator of the
+  trust space; anything else is refused as relaying (550 5.7.1);
 - check_body: no bare CR or LF anywhere (RFC 5321 §2.3.8; SMTP smuggling), a parseable header whose
   From: (and Sender:) are all mailboxes of the principal.
 """
@@ -19,6 +19,7 @@ from typing import Protocol
 from mailserver import replies
 from mailserver.auth import Identity
 from mailserver.replies import Reply
+from mailserver.trust_api import TrustLookup
 
 _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
@@ -43,11 +44,15 @@ def check_sender(identity: Identity, mail_from: str) -> Reply | None:
     return None
 
 
-def check_recipient(address: str, local_domains: frozenset[str], directory: MailboxLookup) -> Reply | None:
+def check_recipient(address: str, local_domains: frozenset[str], directory: MailboxLookup,
+                    trust: TrustLookup | None = None) -> Reply | None:
+    """Local and known, or in another operator's domain of the trust space; nothing else (no open relay)."""
     if not valid_address(address):
         return replies.BAD_ADDRESS
     domain = address.rpartition("@")[2].lower()
     if domain not in local_domains:
+        if trust is not None and trust.lookup(domain) is not None:
+            return None  # relayed to that operator
         return replies.RELAY_DENIED
     if directory.mailbox_by_address(address) is None:
         return replies.UNKNOWN_RECIPIENT
@@ -61,8 +66,24 @@ class CheckedMessage:
     has_date: bool
 
 
+def has_bare_line_ending(content: bytes) -> bool:
+    """RFC 5321 §2.3.8: CR and LF only as CRLF (bare ones enable SMTP smuggling downstream)."""
+    return _BARE_CR_OR_LF.search(content) is not None
+
+
+def header_message_id(content: bytes) -> str | None:
+    end = content.find(b"\r\n\r\n")
+    try:
+        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
+            content[: end + 2] if end >= 0 else content)
+    except Exception:  # noqa: BLE001 - an unparseable header has no usable Message-ID
+        return None
+    value = headers.get("Message-ID")
+    return str(value).strip()[:998] if value else None
+
+
 def check_body(content: bytes, identity: Identity) -> CheckedMessage | Reply:
-    if _BARE_CR_OR_LF.search(content):
+    if has_bare_line_ending(content):
         return replies.BARE_LINE_ENDING
     end = content.find(b"\r\n\r\n")
     header_block = content[: end + 2] if end >= 0 else content

@@ -13,7 +13,8 @@ import datetime as dt
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import sqlalchemy as sa
 
@@ -25,9 +26,17 @@ from mailserver.schema import queue_messages, queue_recipients
 
 
 class RecipientState:
-    QUEUED = "queued"
-    DELIVERED = "delivered"
-    FAILED = "failed"
+    QUEUED = "queued"  # due for (another) attempt at next_attempt_at
+    DELIVERED = "delivered"  # in a local mailbox
+    RELAYED = "relayed"  # accepted by the next operator
+    FAILED = "failed"  # given up
+    # Final, with a delivery status notification still to send (mailserver.reports):
+    DSN_DELIVERED = "dsn_delivered"
+    DSN_RELAYED = "dsn_relayed"
+    DSN_FAILED = "dsn_failed"
+
+    FINAL = frozenset({DELIVERED, RELAYED, FAILED})
+    REPORT_PENDING = {DSN_DELIVERED: DELIVERED, DSN_RELAYED: RELAYED, DSN_FAILED: FAILED}
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,8 @@ class Envelope:
     ret: str | None = None
     header_message_id: str | None = None
     protocol: str = "smtp"
-    extra: dict[str, str] = field(default_factory=dict)
+    hops: int = 0  # Received fields on arrival
+    report_kind: str | None = None  # "dsn" / "mdn" when the message is itself a report
 
 
 def new_queue_id() -> str:
@@ -61,10 +71,24 @@ class Queue:
         self.writer = writer
         self.blobs = blobs
         self.node = node or f"{os.uname().nodename}:{os.getpid()}"
-        self.wakeup = asyncio.Event()
+        self._subscribers: list[asyncio.Event] = []
 
-    async def enqueue(self, envelope: Envelope, data: bytes, *, queue_id: str | None = None) -> str:
-        """Store the body and the queue rows durably; returns the queue id."""
+    def subscribe(self) -> asyncio.Event:
+        """An event set whenever work may be due (a message was queued, a state changed)."""
+        event = asyncio.Event()
+        self._subscribers.append(event)
+        return event
+
+    def notify(self) -> None:
+        for event in self._subscribers:
+            event.set()
+
+    async def enqueue(self, envelope: Envelope, data: bytes, *, queue_id: str | None = None,
+                      also: Callable[[sa.Connection], None] | None = None) -> str:
+        """Store the body and the queue rows durably; returns the queue id.
+
+        `also` runs in the same transaction (a report marks what it reports on, atomically).
+        """
         blob = await asyncio.to_thread(self.blobs.put, data)
         queue_id = queue_id or new_queue_id()
         now = dt.datetime.now(dt.timezone.utc)
@@ -75,6 +99,7 @@ class Queue:
                     id=queue_id, blob=blob, size=len(data), mail_from=envelope.mail_from,
                     envid=envelope.envid, ret=envelope.ret, principal=envelope.principal,
                     header_message_id=envelope.header_message_id, received_at=now,
+                    hops=envelope.hops, report_kind=envelope.report_kind,
                 )
             )
             conn.execute(
@@ -88,7 +113,9 @@ class Queue:
             append_in(conn, AuditEvent.SUBMIT, actor=envelope.principal or "unknown", protocol=envelope.protocol,
                       mailbox=envelope.mail_from or None, message_id=envelope.header_message_id,
                       detail={"queue_id": queue_id, "recipients": str(len(envelope.recipients))}, at=now)
+            if also is not None:
+                also(conn)
 
         await self.writer.run(job)
-        self.wakeup.set()
+        self.notify()
         return queue_id

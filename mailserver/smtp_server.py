@@ -1,13 +1,10 @@
 """SMTP submission (RFC 6409) over TLS with certificate login (SASL EXTERNAL, RFC 4422 Appendix A).
 
-A thin shell over aiosmtpd: the decisions are in `mailserver.policy`; durability is the queue's. A
-message gets `250` only once its body and queue rows are durable (DESIGN.md §3).
-
-Library behaviour patched here, in one place (REFERENCE.md §6):
-- replies of aiosmtpd without RFC 3463 enhanced codes get them (`SubmissionSMTP.push`);
-- its default exception handler echoes exception text: ours answers `451 4.3.0` with a reference;
-- bare CR and bare LF pass through into the message: refused whole (`policy.check_body`);
-- a failed `AuthResult` must be `handled=False` or the client hangs: we always push the reply ourselves.
+A thin shell over aiosmtpd (patched in `mailserver.smtp_protocol`): the decisions are in
+`mailserver.policy`; durability is the queue's. A message gets `250` only once its body and queue rows
+are durable (DESIGN.md §3). Bare CR and bare LF, which aiosmtpd passes through into the message, are
+refused whole (`policy.check_body`). A failed `AuthResult` must be `handled=False` or the client hangs:
+we always push the failure reply ourselves.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import datetime as dt
 import email.utils
 import logging
 import ssl
-import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +28,8 @@ from mailserver import policy, replies
 from mailserver.audit_api import AuditEvent, AuditSink
 from mailserver.auth import CertificateAuthenticator, Identity, LoginRefused
 from mailserver.queue import Envelope, Queue, Recipient, new_queue_id
+from mailserver.smtp_protocol import CaduceeSMTP, envelope_dsn, opaque_exception_reply, shutdown
+from mailserver.trust_api import TrustLookup
 
 log = logging.getLogger(__name__)
 
@@ -47,66 +45,8 @@ class SubmissionSettings:
     timeout: float = 300
 
 
-class _LibraryNoise(logging.Filter):
-    """aiosmtpd warnings that do not apply to how it is used here."""
-
-    NOISE = ("auth_required == True but auth_require_tls == False", "Session.login_data is deprecated")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(n in record.getMessage() for n in self.NOISE)
-
-
-logging.getLogger("mail.log").addFilter(_LibraryNoise())
-
-
-class SubmissionSMTP(SMTP):
-    """aiosmtpd's SMTP with enhanced status codes on every reply and a graceful shutdown."""
-
-    def __init__(self, handler: "SubmissionHandler", *, implicit_tls: bool, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.implicit_tls = implicit_tls
-        self._in_ehlo = False
-        self.in_data = False
-        handler.connections.add(self)
-
-    async def push(self, status: Any) -> None:
-        if isinstance(status, str) and not self._in_ehlo:
-            status = replies.with_enhanced_code(status)
-        await super().push(status)
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        self._in_ehlo = True
-        try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            self._in_ehlo = False
-
-    async def smtp_DATA(self, arg: str) -> None:
-        self.in_data = True
-        try:
-            await super().smtp_DATA(arg)
-        finally:
-            self.in_data = False
-
-    def connection_lost(self, error: Exception | None) -> None:
-        handler: SubmissionHandler = self.event_handler
-        handler.connections.discard(self)
-        super().connection_lost(error)
-
-    @property
-    def tls_ssl_object(self) -> ssl.SSLObject | ssl.SSLSocket | None:
-        """The TLS object of this connection, for STARTTLS and implicit TLS alike."""
-        if self.session is not None and self.session.ssl:
-            obj = self.session.ssl.get("ssl_object")
-            if obj is not None:
-                return obj  # type: ignore[no-any-return]
-        if self.transport is not None:
-            return self.transport.get_extra_info("ssl_object")  # type: ignore[no-any-return]
-        return None
-
-    @property
-    def is_tls(self) -> bool:
-        return self.implicit_tls or self._tls_protocol is not None
+class SubmissionSMTP(CaduceeSMTP):
+    """The submission listener's protocol (kept as a name for the submission role)."""
 
 
 class SubmissionHandler:
@@ -119,8 +59,10 @@ class SubmissionHandler:
         directory: DirectoryStore,
         queue: Queue,
         audit: AuditSink,
+        trust: TrustLookup | None = None,
     ) -> None:
         self.settings = settings
+        self.trust = trust
         self.authenticator = authenticator
         self.directory = directory
         self.queue = queue
@@ -133,7 +75,7 @@ class SubmissionHandler:
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         lines = [r for r in responses if r not in ("250 HELP", "250-HELP")]
-        lines += ["250-PIPELINING", "250 ENHANCEDSTATUSCODES"]
+        lines += ["250-PIPELINING", "250-DSN", "250 ENHANCEDSTATUSCODES"]
         return lines
 
     # RFC 4422 Appendix A, RFC 4954: AUTH EXTERNAL [initial-response]
@@ -180,8 +122,6 @@ class SubmissionHandler:
         if reply is not None:
             log.info("event=sender_refused principal=%s", identity.principal.national_id)
             return str(reply)
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
         return str(replies.SENDER_OK)
 
     async def handle_RCPT(self, server: SubmissionSMTP, session: Session, envelope: SmtpEnvelope,
@@ -189,11 +129,9 @@ class SubmissionHandler:
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return str(replies.TOO_MANY_RECIPIENTS)
         reply = await asyncio.to_thread(policy.check_recipient, address, self.settings.local_domains,
-                                        self.directory)
+                                        self.directory, self.trust)
         if reply is not None:
             return str(reply)
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
         return str(replies.RECIPIENT_OK)
 
     async def handle_DATA(self, server: SubmissionSMTP, session: Session, envelope: SmtpEnvelope) -> str:
@@ -213,8 +151,13 @@ class SubmissionHandler:
         )
         env = Envelope(
             mail_from=envelope.mail_from or "",
-            recipients=tuple(Recipient(a.lower()) for a in envelope.rcpt_tos),
+            recipients=tuple(
+                Recipient(a.lower(), envelope_dsn(envelope, a).notify, envelope_dsn(envelope, a).orcpt)
+                for a in envelope.rcpt_tos
+            ),
             principal=identity.principal.national_id,
+            envid=getattr(envelope, "dsn_envid", None),
+            ret=getattr(envelope, "dsn_ret", None),
             header_message_id=message_id,
             protocol="smtp",
         )
@@ -225,14 +168,7 @@ class SubmissionHandler:
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:
-        reply, ref = replies.internal_error()
-        # Where it failed, never the exception's text: it may carry message or patient data.
-        where = " < ".join(
-            f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}:{frame.name}"
-            for frame in reversed(traceback.extract_tb(error.__traceback__))
-        )
-        log.error("event=smtp_exception ref=%s error=%s where=%s", ref, type(error).__name__, where)
-        return str(reply)
+        return opaque_exception_reply(error, log)
 
     def _received_header(self, server: SubmissionSMTP, session: Session, queue_id: str) -> bytes:
         # RFC 5321 §4.4 trace field; RFC 3848 "ESMTPSA": ESMTP over TLS, authenticated.
@@ -281,23 +217,3 @@ def make_protocol_factory(handler: SubmissionHandler, tls_context: ssl.SSLContex
                               auth_require_tls=True, **common)
 
     return factory
-
-
-async def shutdown(handler: SubmissionHandler, servers: list[asyncio.base_events.Server], grace: float = 30.0) -> None:
-    """Stop listening; idle sessions get 421; sessions inside DATA may finish within `grace` seconds."""
-    for srv in servers:
-        srv.close()
-    for conn in list(handler.connections):
-        if not conn.in_data and conn.transport is not None and not conn.transport.is_closing():
-            try:
-                await asyncio.wait_for(conn.push(str(replies.SHUTTING_DOWN)), 2)
-            except Exception:  # noqa: BLE001 - the peer may be gone already; we are closing anyway
-                pass
-            if conn.transport is not None:
-                conn.transport.close()
-    deadline = asyncio.get_running_loop().time() + grace
-    while any(c.in_data for c in handler.connections) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
-    for conn in list(handler.connections):
-        if conn.transport is not None:
-            conn.transport.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,17 +34,36 @@ def caducee_command(*args: str) -> list[str]:
 
 
 def init_state(state: Path, *, domain: str = "caducee.localhost", ports: dict[str, int] | None = None,
-               extra_config: str = "") -> dict[str, int]:
-    """Write a configuration on free ports and run `caducee init --demo`. Returns the ports."""
+               hostname: str = "localhost", organisation: str | None = None, structure_id: str | None = None,
+               pki_from: Path | None = None, relay: dict[str, object] | None = None,
+               next_hops: dict[str, int] | None = None) -> dict[str, int]:
+    """Write a configuration on free ports and run `caducee init --demo`. Returns the ports.
+
+    `pki_from` copies another state folder's PKI first, so that several nodes (operators) share one
+    trust anchor; `relay` sets keys of [relay]; `next_hops` routes domains to local relay ports.
+    """
+    import shutil
+
     from caducee.config import sample
 
     ports = ports or {name: free_port() for name in LISTENERS}
     state.mkdir(parents=True, exist_ok=True)
-    text = sample(domain)
+    if pki_from is not None and not (state / "pki").exists():
+        shutil.copytree(pki_from / "pki", state / "pki", ignore=shutil.ignore_patterns("server"))
+    text = sample(domain, hostname)
     for name, port in ports.items():
         default = {"relay": 2525, "submission": 5587, "submissions": 5465, "imap": 1143, "imaps": 1993}[name]
         text = text.replace(f'{name} = "127.0.0.1:{default}"', f'{name} = "127.0.0.1:{port}"')
-    (state / "caducee.toml").write_text(text + extra_config, encoding="utf-8")
+    if organisation is not None:
+        text = re.sub(r'(?m)^organisation = .*$', f'organisation = "{organisation}"', text)
+    if structure_id is not None:
+        text = re.sub(r'(?m)^structure_id = .*$', f'structure_id = "{structure_id}"', text)
+    if next_hops:
+        hops = ", ".join(f'"{d}" = "127.0.0.1:{p}"' for d, p in next_hops.items())
+        text = re.sub(r"(?m)^next_hops = .*$", f"next_hops = {{ {hops} }}", text)
+    for key, value in (relay or {}).items():
+        text = re.sub(rf"(?m)^{key} = [^#\n]*", f"{key} = {value} ", text)
+    (state / "caducee.toml").write_text(text, encoding="utf-8")
     subprocess.run(caducee_command("init", "--state", str(state), "--demo"), check=True,
                    stdout=subprocess.DEVNULL)
     return ports
@@ -85,6 +105,19 @@ class ServerProcess:
 
     def port(self, name: str) -> int:
         return self.ports[name]
+
+    def caducee(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a `caducee` command on this node's state folder."""
+        return subprocess.run(caducee_command(*args, "--state", str(self.state)), capture_output=True,
+                              text=True, check=check)
+
+    @property
+    def operator_dn(self) -> str:
+        """The subject DN of this node's operator (server) certificate, as the whitelist writes it."""
+        from cryptography import x509
+
+        pem = (self.state / "pki" / "server" / "server.pem").read_bytes()
+        return x509.load_pem_x509_certificate(pem).subject.rfc4514_string()
 
     def start(self, timeout: float = 30) -> "ServerProcess":
         self._ready.clear()

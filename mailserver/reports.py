@@ -1,0 +1,224 @@
+"""Delivery status notifications sent by this operator, and reports received for our senders.
+
+Sending (RFC 3461–3464): a recipient left in a `dsn_*` state, or queued past `delay_warning`, gets a
+report to the original sender: "accusé de réception" on delivery into the mailbox, "relayed" when the next
+operator does not speak DSN, failure, delay. The report is queued (null reverse-path, so it is never
+answered) in the same transaction that marks the recipient reported: exactly one report each, even across
+a crash. Never a report to the null sender, nor about a report.
+
+Receiving: a DSN or MDN delivered here is recorded against the Message-ID it reports on
+(`delivery_reports`), so the sender's software can ask what became of its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from mailserver.audit import append_in
+from mailserver.audit_api import AuditEvent
+from mailserver.blobs import BlobStore
+from mailserver.dsn import Action, RecipientStatus, build_dsn, parse_dsn, parse_notify, should_report
+from mailserver.mdn import parse_mdn
+from mailserver.queue import Envelope, Queue, Recipient, RecipientState
+from mailserver.schema import delivery_reports, queue_messages, queue_recipients
+
+log = logging.getLogger(__name__)
+
+_ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    hostname: str  # Reporting-MTA
+    postmaster: str  # From: of our reports
+    delay_warning: int  # seconds
+    max_lifetime: int
+
+
+@dataclass(frozen=True)
+class Pending:
+    recipient_id: int
+    queue_id: str
+    rcpt: str
+    orcpt: str | None
+    state: str
+    last_error: str | None
+    last_attempt_at: dt.datetime | None
+    mail_from: str
+    envid: str | None
+    ret: str | None
+    blob: str
+    received_at: dt.datetime
+    report_kind: str | None
+    delay: bool  # a delay report (the recipient stays queued)
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def due_in(conn: sa.Connection, settings: ReportSettings, now: dt.datetime, limit: int = 200) -> list[Pending]:
+    cols = (queue_recipients.c.id, queue_recipients.c.message_id, queue_recipients.c.rcpt,
+            queue_recipients.c.orcpt, queue_recipients.c.state, queue_recipients.c.last_error,
+            queue_recipients.c.last_attempt_at, queue_recipients.c.notify, queue_messages.c.mail_from,
+            queue_messages.c.envid, queue_messages.c.ret, queue_messages.c.blob, queue_messages.c.received_at,
+            queue_messages.c.report_kind)
+    joined = queue_recipients.join(queue_messages, queue_messages.c.id == queue_recipients.c.message_id)
+    final = conn.execute(
+        sa.select(*cols).select_from(joined)
+        .where(queue_recipients.c.state.in_(list(RecipientState.REPORT_PENDING)))
+        .order_by(queue_recipients.c.id).limit(limit).with_for_update(skip_locked=True, of=queue_recipients)
+    ).all()
+    late = conn.execute(
+        sa.select(*cols).select_from(joined)
+        .where(queue_recipients.c.state == RecipientState.QUEUED,
+               queue_recipients.c.delay_reported.is_(False),
+               queue_recipients.c.attempts > 0,
+               queue_messages.c.received_at <= now - dt.timedelta(seconds=settings.delay_warning))
+        .order_by(queue_recipients.c.id).limit(limit).with_for_update(skip_locked=True, of=queue_recipients)
+    ).all()
+    out = []
+    for rows, delay in ((final, False), (late, True)):
+        for r in rows:
+            if delay:
+                notify = parse_notify(r.notify) if r.notify else None
+                if not r.mail_from or r.report_kind or not should_report(notify, Action.DELAYED):
+                    continue
+            out.append(Pending(r.id, r.message_id, r.rcpt, r.orcpt, r.state, r.last_error,
+                               _utc(r.last_attempt_at), r.mail_from, r.envid, r.ret, r.blob,
+                               _utc(r.received_at) or now, r.report_kind, delay))
+    return out
+
+
+def _status(p: Pending, settings: ReportSettings) -> RecipientStatus:
+    if p.delay:
+        action, default = Action.DELAYED, "4.0.0"
+    else:
+        final = RecipientState.REPORT_PENDING[p.state]
+        action = {RecipientState.DELIVERED: Action.DELIVERED, RecipientState.RELAYED: Action.RELAYED,
+                  RecipientState.FAILED: Action.FAILED}[final]
+        default = "5.0.0" if action is Action.FAILED else "2.0.0"
+    found = _ENHANCED.search(p.last_error or "") if action in (Action.FAILED, Action.DELAYED) else None
+    status = found.group(1) if found else default
+    if action is Action.FAILED and not status.startswith("5"):
+        status = "5" + status[1:]  # RFC 3463: a failed action carries a permanent status (4.4.7 → 5.4.7)
+    diagnostic = f"smtp; {p.last_error}" if p.last_error and action in (Action.FAILED, Action.DELAYED) else None
+    return RecipientStatus(
+        final_recipient=p.rcpt, action=action, status=status, original_recipient=p.orcpt,
+        diagnostic=diagnostic, remote_mta=None, last_attempt=p.last_attempt_at,
+        will_retry_until=(p.received_at + dt.timedelta(seconds=settings.max_lifetime)) if p.delay else None,
+    )
+
+
+def _finish_in(conn: sa.Connection, items: list[Pending], now: dt.datetime) -> None:
+    for p in items:
+        if p.delay:
+            conn.execute(sa.update(queue_recipients).where(queue_recipients.c.id == p.recipient_id)
+                         .values(delay_reported=True, updated_at=now))
+        else:
+            conn.execute(sa.update(queue_recipients).where(
+                queue_recipients.c.id == p.recipient_id, queue_recipients.c.state == p.state)
+                .values(state=RecipientState.REPORT_PENDING[p.state], updated_at=now))
+
+
+class ReportWorker:
+    def __init__(self, queue: Queue, blobs: BlobStore, settings: ReportSettings, *, poll: float = 5.0) -> None:
+        self.queue = queue
+        self.blobs = blobs
+        self.settings = settings
+        self.poll = poll
+        self.wakeup = queue.subscribe()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.sent = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="reports")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.wakeup.set()
+        if self._task:
+            await self._task
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self.wakeup.clear()
+            try:
+                await self.run_once()
+            except Exception:  # noqa: BLE001 - retried at the next wake-up
+                log.exception("event=report_batch_failed")
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout=self.poll)
+            except asyncio.TimeoutError:
+                pass
+
+    async def run_once(self) -> int:
+        now = dt.datetime.now(dt.timezone.utc)
+        pending = await self.queue.writer.run(lambda c: due_in(c, self.settings, now))
+        groups: dict[tuple[str, bool], list[Pending]] = defaultdict(list)
+        for p in pending:
+            groups[(p.queue_id, p.delay)].append(p)
+        sent = 0
+        for items in groups.values():
+            first = items[0]
+            if not first.mail_from or first.report_kind:
+                await self.queue.writer.run(lambda c, items=items: _finish_in(c, items, now))
+                continue
+            original = await asyncio.to_thread(self.blobs.get, first.blob)
+            report = build_dsn(
+                original=original, reporting_mta=self.settings.hostname, postmaster=self.settings.postmaster,
+                to=first.mail_from, envid=first.envid, ret=first.ret, arrival_date=first.received_at,
+                recipients=[_status(p, self.settings) for p in items], message_id_domain=self.settings.hostname,
+            )
+            envelope = Envelope(mail_from="", recipients=(Recipient(first.mail_from.lower()),),
+                                principal=None, header_message_id=_message_id(report), protocol="dsn",
+                                report_kind="dsn")
+
+            def also(conn: sa.Connection, items: list[Pending] = items) -> None:
+                _finish_in(conn, items, now)
+                append_in(conn, AuditEvent.REPORT, actor="reports", protocol="dsn", mailbox=items[0].mail_from,
+                          detail={"queue_id": items[0].queue_id, "kind": "delay" if items[0].delay else
+                                  RecipientState.REPORT_PENDING[items[0].state]}, at=now)
+
+            qid = await self.queue.enqueue(envelope, report, also=also)
+            log.info("event=dsn_queued about=%s queue_id=%s recipients=%d", first.queue_id, qid, len(items))
+            sent += 1
+        self.sent += sent
+        return sent
+
+
+def _message_id(data: bytes) -> str | None:
+    from mailserver.policy import header_message_id
+
+    return header_message_id(data)
+
+
+def record_report_in(conn: sa.Connection, data: bytes, now: dt.datetime) -> int:
+    """Record a DSN or MDN delivered here against the message it is about; returns rows added."""
+    rows = []
+    dsn = parse_dsn(data)
+    if dsn is not None and dsn.original_message_id:
+        for r in dsn.recipients:
+            rows.append(dict(original_message_id=dsn.original_message_id, recipient=r.final_recipient,
+                             kind="dsn", status=r.action.value if hasattr(r.action, "value") else str(r.action),
+                             detail=r.status, at=now))
+    else:
+        mdn = parse_mdn(data)
+        if mdn is not None and mdn.original_message_id:
+            rows.append(dict(original_message_id=mdn.original_message_id, recipient=mdn.final_recipient,
+                             kind="mdn", status=str(mdn.disposition.type.value if hasattr(mdn.disposition.type, "value") else mdn.disposition.type),
+                             detail=(str(mdn.disposition.error.value) if getattr(mdn.disposition, "error", None) else None),
+                             at=now))
+    for row in rows:
+        conn.execute(sa.insert(delivery_reports).values(**row))
+    return len(rows)

@@ -1,0 +1,279 @@
+"""The SMTP protocol shell shared by every listener (submission and relay): aiosmtpd, patched here.
+
+aiosmtpd behaviour replaced in this one place (REFERENCE.md §6), each with a test:
+- replies without RFC 3463 enhanced codes get them (`push`);
+- MAIL and RCPT are parsed here: aiosmtpd upper-cases parameter values (ENVID and ORCPT are
+  case-sensitive), refuses the null reverse-path `MAIL FROM:<>` (every DSN uses it) and knows no DSN
+  parameters (RFC 3461: RET, ENVID on MAIL; NOTIFY, ORCPT on RCPT);
+- its default exception handler echoes exception text: handlers answer `451 4.3.0` with a reference;
+- a session inside DATA is tracked so that shutdown lets it finish (`shutdown`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import MISSING, SMTP, Envelope as SmtpEnvelope, syntax
+
+from mailserver import replies
+from mailserver.dsn import parse_notify, parse_orcpt, xtext_decode
+
+log = logging.getLogger(__name__)
+
+
+class _LibraryNoise(logging.Filter):
+    """aiosmtpd warnings that do not apply to how it is used here."""
+
+    NOISE = ("auth_required == True but auth_require_tls == False", "Session.login_data is deprecated")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+logging.getLogger("mail.log").addFilter(_LibraryNoise())
+
+_PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")  # RFC 5321 §4.1.2
+
+
+@dataclass(frozen=True)
+class RecipientParams:
+    notify: str | None = None  # normalised "SUCCESS,FAILURE" / "NEVER"
+    orcpt: str | None = None  # as given: "rfc822;addr" in xtext
+
+
+class ConnectionRegistry(Protocol):
+    connections: set["CaduceeSMTP"]
+
+
+def parse_params(text: str) -> dict[str, str | None] | None:
+    """ESMTP parameters: keyword (case-insensitive) → value (case kept). None on a syntax error."""
+    out: dict[str, str | None] = {}
+    for token in text.split():
+        m = _PARAM.match(token)
+        if not m:
+            return None
+        key = m.group(1).upper()
+        if key in out:
+            return None
+        out[key] = m.group(2)
+    return out
+
+
+def split_path(arg: str | None, keyword: str) -> tuple[str, str] | None:
+    """`FROM:<path> params` → (path without brackets, params). None on a syntax error."""
+    if arg is None:
+        return None
+    head = arg[: len(keyword)]
+    if head.upper() != keyword:
+        return None
+    rest = arg[len(keyword):].lstrip()
+    if not rest.startswith("<"):
+        return None
+    end = rest.find(">")
+    if end < 0:
+        return None
+    path = rest[1:end]
+    if "<" in path or any(c in path for c in " \t\r\n"):
+        return None
+    if ":" in path and path.startswith("@"):  # RFC 5321 §4.1.2 source route: ignored
+        path = path.split(":", 1)[1]
+    return path, rest[end + 1:]
+
+
+class CaduceeSMTP(SMTP):
+    """aiosmtpd's SMTP with the fixes above. `handler.connections` tracks the live sessions."""
+
+    def __init__(self, handler: ConnectionRegistry, *, implicit_tls: bool, dsn: bool = True, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.implicit_tls = implicit_tls
+        self.dsn = dsn
+        self._in_ehlo = False
+        self.in_data = False
+        handler.connections.add(self)
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and not self._in_ehlo:
+            status = replies.with_enhanced_code(status)
+        await super().push(status)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self.in_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.in_data = False
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.event_handler.connections.discard(self)
+        super().connection_lost(error)
+
+    @property
+    def tls_ssl_object(self) -> ssl.SSLObject | ssl.SSLSocket | None:
+        """The TLS object of this connection, for STARTTLS and implicit TLS alike."""
+        if self.session is not None and self.session.ssl:
+            obj = self.session.ssl.get("ssl_object")
+            if obj is not None:
+                return obj  # type: ignore[no-any-return]
+        if self.transport is not None:
+            return self.transport.get_extra_info("ssl_object")  # type: ignore[no-any-return]
+        return None
+
+    @property
+    def is_tls(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    # -- MAIL and RCPT (RFC 5321 §4.1.1.2–3, RFC 1870, RFC 6152, RFC 6531, RFC 3461 §4) --
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("MAIL"):
+            return
+        assert self.session is not None and self.envelope is not None
+        if getattr(self.envelope, "mail_given", False):
+            await self.push("503 5.5.1 Nested MAIL command")
+            return
+        parsed = split_path(arg, "FROM:")
+        if parsed is None:
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [parameters]")
+            return
+        address, rest = parsed
+        params = parse_params(rest)
+        if params is None or (params and not self.session.extended_smtp):
+            await self.push("501 5.5.4 Syntax error in parameters")
+            return
+        body = (params.pop("BODY", None) or "7BIT").upper()
+        if body not in ("7BIT", "8BITMIME"):
+            await self.push("501 5.5.4 BODY must be 7BIT or 8BITMIME")
+            return
+        if "SMTPUTF8" in params:
+            if params.pop("SMTPUTF8") is not None:
+                await self.push("501 5.5.4 SMTPUTF8 takes no value")
+                return
+            self.envelope.smtp_utf8 = True
+        size = params.pop("SIZE", None)
+        if size is not None:
+            if not size.isdigit():
+                await self.push("501 5.5.4 SIZE must be a number")
+                return
+            if self.data_size_limit and int(size) > self.data_size_limit:
+                await self.push(str(replies.MESSAGE_TOO_BIG))
+                return
+        ret = params.pop("RET", None) if self.dsn else None
+        envid = params.pop("ENVID", None) if self.dsn else None
+        if ret is not None and ret.upper() not in ("FULL", "HDRS"):
+            await self.push("501 5.5.4 RET must be FULL or HDRS")
+            return
+        if envid is not None:
+            try:
+                decoded = xtext_decode(envid)
+            except ValueError:
+                decoded = None
+            if decoded is None or len(decoded) > 100:
+                await self.push("501 5.5.4 Invalid ENVID")
+                return
+        if params:
+            await self.push("555 5.5.4 MAIL parameters not recognized or not implemented")
+            return
+        self.envelope.dsn_ret = ret.upper() if ret else None  # type: ignore[attr-defined]
+        self.envelope.dsn_envid = envid  # type: ignore[attr-defined]
+        status = await self._call_handler_hook("MAIL", address, (rest or "").split())
+        if status is MISSING:
+            status = str(replies.SENDER_OK)
+        if status.startswith("250"):
+            self.envelope.mail_from = address
+            self.envelope.mail_given = True  # type: ignore[attr-defined]
+        await self.push(status)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("RCPT"):
+            return
+        assert self.session is not None and self.envelope is not None
+        if not getattr(self.envelope, "mail_given", False):
+            await self.push("503 5.5.1 Need MAIL command first")
+            return
+        parsed = split_path(arg, "TO:")
+        if parsed is None or not parsed[0]:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address> [parameters]")
+            return
+        address, rest = parsed
+        params = parse_params(rest)
+        if params is None or (params and not self.session.extended_smtp):
+            await self.push("501 5.5.4 Syntax error in parameters")
+            return
+        notify = params.pop("NOTIFY", None) if self.dsn else None
+        orcpt = params.pop("ORCPT", None) if self.dsn else None
+        try:
+            notify_text = ",".join(sorted(n.name for n in parse_notify(notify))) if notify else None
+            if orcpt is not None:
+                parse_orcpt(orcpt)
+        except ValueError:
+            await self.push("501 5.5.4 Invalid NOTIFY or ORCPT")
+            return
+        if params:
+            await self.push("555 5.5.4 RCPT parameters not recognized or not implemented")
+            return
+        status = await self._call_handler_hook("RCPT", address, (rest or "").split())
+        if status is MISSING:
+            status = str(replies.RECIPIENT_OK)
+        if status.startswith("250"):
+            if address not in self.envelope.rcpt_tos:
+                self.envelope.rcpt_tos.append(address)
+                dsn = getattr(self.envelope, "rcpt_dsn", None)
+                if dsn is None:
+                    dsn = self.envelope.rcpt_dsn = {}  # type: ignore[attr-defined]
+                dsn[address] = RecipientParams(notify_text, orcpt)
+        await self.push(status)
+
+
+def envelope_dsn(envelope: SmtpEnvelope, address: str) -> RecipientParams:
+    return getattr(envelope, "rcpt_dsn", {}).get(address, RecipientParams())  # type: ignore[no-any-return]
+
+
+async def shutdown(registry: ConnectionRegistry, servers: list[asyncio.base_events.Server], grace: float = 30.0) -> None:
+    """Stop listening; idle sessions get 421; sessions inside DATA may finish within `grace` seconds."""
+    for srv in servers:
+        srv.close()
+    for conn in list(registry.connections):
+        if not conn.in_data and conn.transport is not None and not conn.transport.is_closing():
+            try:
+                await asyncio.wait_for(conn.push(str(replies.SHUTTING_DOWN)), 2)
+            except Exception:  # noqa: BLE001 - the peer may be gone already; we are closing anyway
+                pass
+            if conn.transport is not None:
+                conn.transport.close()
+    deadline = asyncio.get_running_loop().time() + grace
+    while any(c.in_data for c in registry.connections) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    for conn in list(registry.connections):
+        if conn.transport is not None:
+            conn.transport.close()
+
+
+def opaque_exception_reply(error: BaseException, logger: logging.Logger) -> str:
+    """`451 4.3.0` with a reference; the log gets where it failed, never the exception's text."""
+    import traceback
+
+    reply, ref = replies.internal_error()
+    where = " < ".join(
+        f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}:{frame.name}"
+        for frame in reversed(traceback.extract_tb(error.__traceback__))
+    )
+    logger.error("event=smtp_exception ref=%s error=%s where=%s", ref, type(error).__name__, where)
+    return str(reply)
