@@ -63,6 +63,7 @@ async def start(cfg: Config) -> Node:
     from mailserver.imap_server import build_imap_factory
     from mailserver.queue import Queue
     from mailserver.smtp_server import SubmissionHandler, SubmissionSettings, make_protocol_factory
+    from mailserver.receipts import ReadReceipts
     from mailserver.relay_server import RelayHandler, RelaySettings, make_relay_factory
     from mailserver.reports import ReportSettings, ReportWorker
     from mailserver.smtp_client import NextHop, RemoteDelivery, RemoteSettings
@@ -96,8 +97,9 @@ async def start(cfg: Config) -> Node:
         hostname=cfg.server.hostname, postmaster=f"mailer-daemon@{cfg.server.domains[0]}",
         delay_warning=cfg.relay.delay_warning, max_lifetime=cfg.relay.max_lifetime))
     refresher = TrustRefresher(trust, cfg.trust, cfg.state_dir) if cfg.trust.source else None
+    receipts = ReadReceipts(store, queue, hostname=cfg.server.hostname)
     node.parts.update(read_engine=read_engine, writer=writer, queue=queue, store=store, delivery=delivery,
-                      remote=remote, reports=reports, refresher=refresher, trust=trust,
+                      remote=remote, reports=reports, refresher=refresher, trust=trust, receipts=receipts,
                       audit=audit, directory=directory, authenticator=authenticator)
 
     tls = server_context(cert, key)
@@ -193,6 +195,7 @@ async def stop(node: Node) -> None:
                          shutdown(node.parts["relay_handler"], node.relay_servers))
     if node.parts.get("refresher") is not None:
         await node.parts["refresher"].stop()
+    await node.parts["receipts"].drain()
     await node.parts["delivery"].stop()
     await node.parts["remote"].stop()
     await node.parts["reports"].stop()

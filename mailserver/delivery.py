@@ -11,13 +11,14 @@ import asyncio
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import sqlalchemy as sa
 
 from directory.schema import mailboxes
 from mailserver.audit import append_in
 from mailserver.audit_api import AuditEvent
+from mailserver.blobs import BlobStore
 from mailserver.queue import Queue, RecipientState
 from mailserver.schema import queue_messages, queue_recipients
 from mailserver.reports import record_report_in
@@ -36,16 +37,8 @@ class Delivered:
     uid: int
 
 
-def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: int = BATCH,
-                   read_blob: Callable[[str], bytes] | None = None) -> list[Delivered]:
-    """Deliver up to `limit` due local recipients inside the caller's transaction.
-
-    A recipient whose sender asked NOTIFY=SUCCESS is left with a success report to send (the
-    "accusé de réception", mailserver.reports). A delivered report (DSN or MDN) is also recorded against
-    the message it reports on (`delivery_reports`), when `read_blob` is given.
-    """
-    now = dt.datetime.now(dt.timezone.utc)
-    due = conn.execute(
+def _due_query(local_domains: frozenset[str], now: dt.datetime, limit: int) -> sa.Select[Any]:
+    return (
         sa.select(
             queue_recipients.c.id, queue_recipients.c.rcpt, queue_recipients.c.message_id,
             queue_messages.c.blob, queue_messages.c.size, queue_messages.c.header_message_id,
@@ -61,13 +54,47 @@ def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: in
         )
         .order_by(queue_recipients.c.id)
         .limit(limit)
-        .with_for_update(skip_locked=True, of=queue_recipients)
+    )
+
+
+def prepare_final_blobs(engine: sa.Engine, blobs: BlobStore, local_domains: frozenset[str],
+                        limit: int = BATCH) -> dict[str, tuple[str, int]]:
+    """The message as it will rest in the mailbox, with its Return-Path (RFC 5321 §4.4: added at final
+    delivery), for each message due locally: queue id → (blob, size). Read-only on the database."""
+    now = dt.datetime.now(dt.timezone.utc)
+    with engine.connect() as conn:
+        rows = conn.execute(_due_query(local_domains, now, limit)).all()
+    out: dict[str, tuple[str, int]] = {}
+    for row in rows:
+        if row.message_id in out:
+            continue
+        data = f"Return-Path: <{row.mail_from}>\r\n".encode("utf-8", errors="replace") + blobs.get(row.blob)
+        out[row.message_id] = (blobs.put(data), len(data))
+    return out
+
+
+def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: int = BATCH,
+                   read_blob: Callable[[str], bytes] | None = None,
+                   final_blobs: dict[str, tuple[str, int]] | None = None) -> list[Delivered]:
+    """Deliver up to `limit` due local recipients inside the caller's transaction.
+
+    With `final_blobs` (prepare_final_blobs) the mailbox gets the message with its Return-Path, and a
+    recipient whose message was not prepared waits for the next round; without, the queued bytes as is.
+    A recipient whose sender asked NOTIFY=SUCCESS is left with a success report to send (the
+    "accusé de réception", mailserver.reports). A delivered report (DSN or MDN) is also recorded against
+    the message it reports on (`delivery_reports`), when `read_blob` is given.
+    """
+    now = dt.datetime.now(dt.timezone.utc)
+    due = conn.execute(
+        _due_query(local_domains, now, limit).with_for_update(skip_locked=True, of=queue_recipients)
     ).all()
     done: list[Delivered] = []
     for row in due:
         domain = row.rcpt.rpartition("@")[2].lower()
         if domain not in local_domains:
             continue  # remote recipients belong to the relay
+        if final_blobs is not None and row.message_id not in final_blobs:
+            continue  # arrived after the preparation: next round
         mailbox = conn.execute(
             sa.select(mailboxes.c.id, mailboxes.c.address).where(
                 mailboxes.c.address == row.rcpt.lower(), mailboxes.c.active.is_(True)
@@ -81,8 +108,9 @@ def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: in
             )
             log.info("event=delivery_failed queue_id=%s reason=mailbox_unavailable", row.message_id)
             continue
+        blob, size = final_blobs[row.message_id] if final_blobs is not None else (row.blob, row.size)
         folder_id, uid = deliver_in(
-            conn, mailbox.id, row.blob, row.size, header_message_id=row.header_message_id,
+            conn, mailbox.id, blob, size, header_message_id=row.header_message_id,
             queue_recipient_id=row.id, internaldate=now,
         )
         success_report = bool(row.mail_from) and not row.report_kind and "SUCCESS" in (row.notify or "")
@@ -122,8 +150,13 @@ class LocalDelivery:
             await self._task
 
     async def run_once(self) -> list[Delivered]:
+        finals = await asyncio.to_thread(prepare_final_blobs, self.store.engine, self.store.blobs,
+                                         self.local_domains)
+        if not finals:
+            return []
         done = await self.queue.writer.run(
-            lambda conn: deliver_due_in(conn, self.local_domains, read_blob=self.store.read_blob))
+            lambda conn: deliver_due_in(conn, self.local_domains, read_blob=self.store.read_blob,
+                                        final_blobs=finals))
         for item in done:
             log.info("event=delivered queue_id=%s folder=%s uid=%s", item.queue_id, item.folder_id, item.uid)
         for folder_id in {d.folder_id for d in done}:

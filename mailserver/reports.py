@@ -109,8 +109,11 @@ def _status(p: Pending, settings: ReportSettings) -> RecipientStatus:
         default = "5.0.0" if action is Action.FAILED else "2.0.0"
     found = _ENHANCED.search(p.last_error or "") if action in (Action.FAILED, Action.DELAYED) else None
     status = found.group(1) if found else default
+    # RFC 3464 §2.3.4: the status class follows the action (a failure after 4.4.7 is 5.4.7; a delay is 4.x.x)
     if action is Action.FAILED and not status.startswith("5"):
-        status = "5" + status[1:]  # RFC 3463: a failed action carries a permanent status (4.4.7 → 5.4.7)
+        status = "5" + status[1:]
+    elif action is Action.DELAYED and not status.startswith("4"):
+        status = "4" + status[1:]
     diagnostic = f"smtp; {p.last_error}" if p.last_error and action in (Action.FAILED, Action.DELAYED) else None
     return RecipientStatus(
         final_recipient=p.rcpt, action=action, status=status, original_recipient=p.orcpt,
@@ -207,17 +210,20 @@ def record_report_in(conn: sa.Connection, data: bytes, now: dt.datetime) -> int:
     """Record a DSN or MDN delivered here against the message it is about; returns rows added."""
     rows = []
     dsn = parse_dsn(data)
-    if dsn is not None and dsn.original_message_id:
-        for r in dsn.recipients:
-            rows.append(dict(original_message_id=dsn.original_message_id, recipient=r.final_recipient,
-                             kind="dsn", status=r.action.value if hasattr(r.action, "value") else str(r.action),
-                             detail=r.status, at=now))
+    if dsn is not None:
+        if dsn.original_message_id:
+            for r in dsn.recipients:
+                rows.append(dict(original_message_id=dsn.original_message_id,
+                                 recipient=r.final_recipient or r.original_recipient or "unknown", kind="dsn",
+                                 status=r.action.value if r.action else "unknown", detail=r.status, at=now))
     else:
         mdn = parse_mdn(data)
         if mdn is not None and mdn.original_message_id:
-            rows.append(dict(original_message_id=mdn.original_message_id, recipient=mdn.final_recipient,
-                             kind="mdn", status=str(mdn.disposition.type.value if hasattr(mdn.disposition.type, "value") else mdn.disposition.type),
-                             detail=(str(mdn.disposition.error.value) if getattr(mdn.disposition, "error", None) else None),
+            error = mdn.disposition.error
+            rows.append(dict(original_message_id=mdn.original_message_id,
+                             recipient=mdn.final_recipient or mdn.original_recipient or "unknown", kind="mdn",
+                             status=mdn.disposition.type.value,
+                             detail=f"{int(error)} {error.ascii_label}"[:500] if error is not None else None,
                              at=now))
     for row in rows:
         conn.execute(sa.insert(delivery_reports).values(**row))

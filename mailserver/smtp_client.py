@@ -258,6 +258,13 @@ class RemoteDelivery:
         return [NextHop(str(r.exchange).rstrip("."), 25) for r in records if str(r.exchange) != "."]
 
     async def _deliver_group(self, domain: str, items: list[Claimed]) -> list[tuple[Claimed, Outcome]]:
+        try:
+            return await self._deliver_group_once(domain, items)
+        except Exception as exc:  # noqa: BLE001 - record a retry rather than leave the claim to expire
+            log.error("event=relay_attempt_failed domain=%s error=%s", domain, type(exc).__name__)
+            return [(i, Outcome("temporary", "4.3.0 internal error during the attempt")) for i in items]
+
+    async def _deliver_group_once(self, domain: str, items: list[Claimed]) -> list[tuple[Claimed, Outcome]]:
         async with self.concurrency:
             if self.trust.lookup(domain) is None:
                 return [(i, Outcome("permanent", "550 5.7.1 domain no longer in the trust space")) for i in items]
@@ -301,7 +308,10 @@ class RemoteDelivery:
 
     def _check_peer(self, smtp: aiosmtplib.SMTP, domain: str) -> str:
         ssl_object = smtp.transport.get_extra_info("ssl_object") if smtp.transport else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        try:
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        except ValueError:  # the TLS session is gone (peer closed during the handshake)
+            return "TLS session not established"
         if not der:
             return "no certificate"
         try:

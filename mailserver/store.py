@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from mailserver.blobs import BlobStore
 from mailserver.db import Writer
+from mailserver.policy import header_message_id
 from mailserver.schema import folders, messages
 from mailserver.store_api import FlagMode, FolderInfo, StoredMessage
 
@@ -106,16 +107,6 @@ def deliver_in(
     return fid, uid
 
 
-def _header_message_id(raw: bytes) -> str | None:
-    end = raw.find(b"\r\n\r\n")
-    head = raw[: end if end >= 0 else len(raw)]
-    import email.parser
-    import email.policy
-
-    value = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head).get("Message-ID")
-    return str(value).strip()[:998] if value else None
-
-
 class SqlMailStore:
     """`MailStore` on the shared database. Reads use `engine`; writes go through the `Writer`."""
 
@@ -124,7 +115,8 @@ class SqlMailStore:
         self.writer = writer
         self.blobs = blobs
         self._listeners: dict[int, set[Callable[[int], None]]] = defaultdict(set)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # Called with (folder id, UIDs) of messages that have just become \Seen (read receipts).
+        self.on_seen: Callable[[int, list[int]], None] | None = None
 
     # -- reads --
     def _folder_infos(self, where: sa.ColumnElement[bool]) -> list[FolderInfo]:
@@ -212,7 +204,7 @@ class SqlMailStore:
                      internaldate: dt.datetime | None) -> int:
         blob = await asyncio.to_thread(self.blobs.put, raw)
         flag_text = _flags_text(flags)
-        header_id = _header_message_id(raw)
+        header_id = header_message_id(raw)
 
         def job(conn: sa.Connection) -> int:
             uid = _next_uid(conn, folder_id)
@@ -234,8 +226,11 @@ class SqlMailStore:
         wanted = frozenset(flags)
         uid_list = sorted(set(uids))
 
+        newly_seen: list[int] = []
+
         def job(conn: sa.Connection) -> dict[int, frozenset[str]]:
             out: dict[int, frozenset[str]] = {}
+            newly_seen.clear()
             rows = conn.execute(
                 sa.select(messages.c.id, messages.c.uid, messages.c.flags).where(
                     messages.c.folder_id == folder_id, messages.c.uid.in_(uid_list)
@@ -246,10 +241,15 @@ class SqlMailStore:
                 new = wanted if mode == "set" else (current | wanted if mode == "add" else current - wanted)
                 if new != current:
                     conn.execute(sa.update(messages).where(messages.c.id == row.id).values(flags=_flags_text(new)))
+                    if SEEN in new and SEEN not in current:
+                        newly_seen.append(int(row.uid))
                 out[int(row.uid)] = frozenset(new)
             return out
 
-        return await self.writer.run(job)
+        result = await self.writer.run(job)
+        if newly_seen and self.on_seen is not None:
+            self.on_seen(folder_id, sorted(newly_seen))
+        return result
 
     async def expunge(self, folder_id: int, uids: Iterable[int] | None = None) -> list[int]:
         only = None if uids is None else sorted(set(uids))

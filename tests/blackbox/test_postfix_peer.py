@@ -415,7 +415,8 @@ def test_outbound_to_unverified_server_is_deferred(postfix: PostfixPeer, next_ho
         try:
             wait_for(in_deferred_queue, timeout=10)
         except TimeoutError:
-            pytest.fail(f"never seen deferred with the expected reason; queue states: {seen}")
+            pytest.fail(f"never seen deferred with the expected reason; last queue: {seen[-1]}\n"
+                        + explain(postfix, offset))
         # flush() makes Postfix try again at once, with the same outcome.
         second = postfix.log_size()
         postfix.flush()

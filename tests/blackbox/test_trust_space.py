@@ -167,3 +167,59 @@ def test_unreachable_operator_gives_delay_then_failure_reports(operators: tuple[
         m.logout()
     failed = next(r for r in reports if re.search(rb"(?im)^Action:\s*failed", r))
     assert re.search(rb"(?im)^Status:\s*5\.4\.7", failed) or re.search(rb"(?im)^Status:\s*5\.", failed)
+
+
+def test_a_looping_message_is_refused_by_hop_count(operators: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = operators
+    op_cert = b.state / "pki" / "server" / "server-fullchain.pem"
+    op_key = b.state / "pki" / "server" / "server.key"
+    hops = "".join(f"Received: from hop{i}.b.test by mx{i}.b.test; Mon, 30 Nov 2026 00:00:00 +0000\n"
+                   for i in range(31))
+    r = subprocess.run(["swaks", "--server", "127.0.0.1", "--port", str(a.port("relay")), "--tls",
+                        "--tls-cert", str(op_cert), "--tls-key", str(op_key), "--helo", "mx.b.test",
+                        "--from", "x@b.test", "--to", a.identity("PER", 0)["address"],
+                        "--add-header", "X-Loop-Test: yes", "--data", hops + "Subject: loop\n\nx\n",
+                        "--timeout", "15"], capture_output=True, text=True, timeout=60)
+    assert "554 5.4.6" in r.stdout, r.stdout[-2000:]
+
+
+def test_reading_sends_one_read_receipt_back_across_operators(operators: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = operators
+    camille, louis = a.identity("PER", 0), b.identity("PER", 1)
+    tag = f"mdn-{time.monotonic_ns()}"
+    msg = (f"From: {camille['address']}\r\nTo: {louis['address']}\r\nSubject: {tag}\r\n"
+           f"Message-ID: <{tag}@a.test>\r\nDisposition-Notification-To: {camille['address']}\r\n\r\nCR.\r\n").encode()
+    s = _smtp(a, camille)
+    s.sendmail(camille["address"], [louis["address"]], msg)
+    s.quit()
+    m = _imap(b, louis)
+    try:
+        wait_for(lambda: _find(m, "SUBJECT", tag), timeout=20)
+        typ, data = m.search(None, "SUBJECT", tag)
+        num = data[0].split()[0]
+        typ, got = m.fetch(num, "(BODY[])")  # reading it: \Seen
+        assert got[0][1].startswith(f"Return-Path: <{camille['address']}>\r\n".encode())
+        flags = wait_for(lambda: (lambda f: f if b"$MDNSent" in f else None)(m.fetch(num, "(FLAGS)")[1][0]))
+        assert b"\\Seen" in flags
+        m.store(num, "-FLAGS", "(\\Seen)")
+        m.fetch(num, "(BODY[])")  # read again: no second receipt
+    finally:
+        m.logout()
+    m = _imap(a, camille)
+    try:
+        receipts = wait_for(lambda: [r for r in _find(m, "HEADER", "Content-Type", "disposition-notification")
+                                     if tag.encode() in r], timeout=30)
+    finally:
+        m.logout()
+    assert len(receipts) == 1
+    assert re.search(rb"(?im)^Disposition:\s*manual-action/MDN-sent-automatically;\s*displayed", receipts[0])
+    assert re.search(rb"(?im)^Original-Message-ID:\s*<" + tag.encode() + rb"@a.test>", receipts[0])
+    r = a.caducee("reports", "--message-id", f"<{tag}@a.test>")
+    assert "mdn" in r.stdout and "displayed" in r.stdout
+    time.sleep(2)
+    m = _imap(a, camille)
+    try:
+        assert len([r for r in _find(m, "HEADER", "Content-Type", "disposition-notification")
+                    if tag.encode() in r]) == 1
+    finally:
+        m.logout()

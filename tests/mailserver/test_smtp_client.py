@@ -78,7 +78,10 @@ class Peer:
         self.thread.start()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        der = peer_certificate_der(session.ssl["ssl_object"]) if session.ssl else None
+        try:
+            der = peer_certificate_der(session.ssl["ssl_object"]) if session.ssl else None
+        except ValueError:
+            der = None
         self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content, der))
         if self.drop_after_dot > 0:
             self.drop_after_dot -= 1
