@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,7 +185,7 @@ def _imap_authenticator(authenticator: Any) -> Any:
 
 
 async def stop(node: Node) -> None:
-    from mailserver.smtp_server import shutdown
+    from mailserver.smtp_protocol import shutdown
 
     log.info("event=stopping")
     for port in node.twisted_ports:

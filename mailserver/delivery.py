@@ -19,7 +19,7 @@ from directory.schema import mailboxes
 from mailserver.audit import append_in
 from mailserver.audit_api import AuditEvent
 from mailserver.blobs import BlobStore
-from mailserver.queue import Queue, RecipientState
+from mailserver.queue import Queue, QueueWorker, RecipientState
 from mailserver.schema import queue_messages, queue_recipients
 from mailserver.reports import record_report_in
 from mailserver.store import SqlMailStore, deliver_in
@@ -127,29 +127,22 @@ def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: in
     return done
 
 
-class LocalDelivery:
+class LocalDelivery(QueueWorker):
     """The delivery worker: woken by the queue on each acceptance, and every `poll` seconds."""
 
+    name = "local-delivery"
+    batch = BATCH
+
     def __init__(self, queue: Queue, store: SqlMailStore, local_domains: frozenset[str], *, poll: float = 1.0) -> None:
-        self.queue = queue
+        super().__init__(queue, poll=poll)
         self.store = store
         self.local_domains = local_domains
-        self.poll = poll
         self.delivered = 0
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self.wakeup = queue.subscribe()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="local-delivery")
+    async def run_once(self) -> int:
+        return len(await self.deliver())
 
-    async def stop(self) -> None:
-        self._stopping = True
-        self.wakeup.set()
-        if self._task:
-            await self._task
-
-    async def run_once(self) -> list[Delivered]:
+    async def deliver(self) -> list[Delivered]:
         finals = await asyncio.to_thread(prepare_final_blobs, self.store.engine, self.store.blobs,
                                          self.local_domains)
         if not finals:
@@ -165,18 +158,3 @@ class LocalDelivery:
         if done:
             self.queue.notify()  # success reports may be due
         return done
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            self.wakeup.clear()  # before the batch: an acceptance committed meanwhile re-arms it
-            try:
-                done = await self.run_once()
-            except Exception:  # noqa: BLE001 - keep delivering; the failure is logged and retried
-                log.exception("event=delivery_batch_failed")
-                done = []
-            if len(done) >= BATCH:
-                continue
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), timeout=self.poll)
-            except asyncio.TimeoutError:
-                pass

@@ -8,8 +8,10 @@ come back when its lease expires.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import datetime as dt
+import logging
 import os
 import secrets
 import time
@@ -23,6 +25,8 @@ from mailserver.audit_api import AuditEvent
 from mailserver.blobs import BlobStore
 from mailserver.db import Writer
 from mailserver.schema import queue_messages, queue_recipients
+
+log = logging.getLogger(__name__)
 
 
 class RecipientState:
@@ -119,3 +123,49 @@ class Queue:
         await self.writer.run(job)
         self.notify()
         return queue_id
+
+
+class QueueWorker(abc.ABC):
+    """A loop woken by the queue (and every `poll` seconds) that runs `run_once` until stopped.
+
+    `run_once` returns how much it did; a full batch runs again at once. The wake-up is cleared before
+    each batch, so work committed during a batch re-arms it and is never left waiting for the poll.
+    """
+
+    name = "queue-worker"
+    batch = 0  # run again at once when run_once returns at least this much (0: never)
+
+    def __init__(self, queue: Queue, *, poll: float = 1.0) -> None:
+        self.queue = queue
+        self.poll = poll
+        self.wakeup = queue.subscribe()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @abc.abstractmethod
+    async def run_once(self) -> int:
+        """One batch of work; returns how much was done."""
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.wakeup.set()
+        if self._task:
+            await self._task
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self.wakeup.clear()
+            try:
+                done = await self.run_once()
+            except Exception:  # noqa: BLE001 - keep the worker alive; the batch is retried
+                log.exception("event=worker_batch_failed worker=%s", self.name)
+                done = 0
+            if self.batch and done >= self.batch:
+                continue
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout=self.poll)
+            except asyncio.TimeoutError:
+                pass

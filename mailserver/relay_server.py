@@ -12,8 +12,6 @@ Only operators of the whitelist may hand us mail, and only for our own mailboxes
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import email.utils
 import logging
 import re
 import ssl
@@ -31,12 +29,11 @@ from mailserver.audit_api import AuditEvent, AuditSink
 from mailserver.mdn import report_kind
 from mailserver.queue import Envelope, Queue, Recipient, new_queue_id
 from mailserver.replies import Reply
-from mailserver.smtp_protocol import CaduceeSMTP, envelope_dsn, opaque_exception_reply
+from mailserver.smtp_protocol import IDENT, CaduceeSMTP, ehlo_lines, envelope_dsn, opaque_exception_reply
 from mailserver.trust_api import TrustLookup
 
 log = logging.getLogger(__name__)
 
-IDENT = "Caducee ESMTP"
 PEER_NOT_TRUSTED = Reply(550, "5.7.1", "Peer is not an operator of the trust space for this sender domain")
 PEER_CERTIFICATE_REFUSED = Reply(550, "5.7.1", "Peer certificate refused")
 LOOP_DETECTED = Reply(554, "5.4.6", "Routing loop detected: too many hops")
@@ -76,9 +73,7 @@ class RelayHandler:
     async def handle_EHLO(self, server: CaduceeSMTP, session: Session, envelope: SmtpEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        lines = [r for r in responses if r not in ("250 HELP", "250-HELP")]
-        lines += ["250-PIPELINING", "250-DSN", "250 ENHANCEDSTATUSCODES"]
-        return lines
+        return ehlo_lines(responses)
 
     def _check_peer(self, der: bytes | None, domain: str | None) -> tuple[RelayPeer | None, str]:
         if not der:
@@ -132,7 +127,7 @@ class RelayHandler:
             log.warning("event=loop_detected peer=%s hops=%d", _peer(session), hops)
             return str(LOOP_DETECTED)
         queue_id = new_queue_id()
-        data = self._received_header(server, session, queue_id) + content
+        data = server.received_header(self.settings.hostname, queue_id, "ESMTPS") + content
         env = Envelope(
             mail_from=(envelope.mail_from or "").lower(),
             recipients=tuple(
@@ -159,20 +154,6 @@ class RelayHandler:
     async def handle_exception(self, error: Exception) -> str:
         return opaque_exception_reply(error, log)
 
-    def _received_header(self, server: CaduceeSMTP, session: Session, queue_id: str) -> bytes:
-        # RFC 5321 §4.4; RFC 3848 "ESMTPS": ESMTP over TLS (the peer is identified by its certificate).
-        tls = server.tls_ssl_object
-        tls_info = ""
-        if isinstance(tls, (ssl.SSLObject, ssl.SSLSocket)):
-            cipher = tls.cipher()
-            tls_info = f" (version={tls.version()} cipher={cipher[0] if cipher else ''})"
-        helo = policy.sanitise_helo(session.host_name or "unknown")
-        peer_ip = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
-        date = email.utils.format_datetime(dt.datetime.now(dt.timezone.utc))
-        return (
-            f"Received: from {helo} ([{peer_ip}])\r\n\tby {self.settings.hostname} ({IDENT}) with ESMTPS"
-            f" id {queue_id}{tls_info};\r\n\t{date}\r\n"
-        ).encode("ascii", errors="replace")
 
 
 def _peer(session: Session) -> str:

@@ -26,7 +26,7 @@ from mailserver.audit_api import AuditEvent
 from mailserver.blobs import BlobStore
 from mailserver.dsn import Action, RecipientStatus, build_dsn, parse_dsn, parse_notify, should_report
 from mailserver.mdn import parse_mdn
-from mailserver.queue import Envelope, Queue, Recipient, RecipientState
+from mailserver.queue import Envelope, Queue, QueueWorker, Recipient, RecipientState
 from mailserver.schema import delivery_reports, queue_messages, queue_recipients
 
 log = logging.getLogger(__name__)
@@ -133,37 +133,14 @@ def _finish_in(conn: sa.Connection, items: list[Pending], now: dt.datetime) -> N
                 .values(state=RecipientState.REPORT_PENDING[p.state], updated_at=now))
 
 
-class ReportWorker:
+class ReportWorker(QueueWorker):
+    name = "reports"
+
     def __init__(self, queue: Queue, blobs: BlobStore, settings: ReportSettings, *, poll: float = 5.0) -> None:
-        self.queue = queue
+        super().__init__(queue, poll=poll)
         self.blobs = blobs
         self.settings = settings
-        self.poll = poll
-        self.wakeup = queue.subscribe()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self.sent = 0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="reports")
-
-    async def stop(self) -> None:
-        self._stopping = True
-        self.wakeup.set()
-        if self._task:
-            await self._task
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            self.wakeup.clear()
-            try:
-                await self.run_once()
-            except Exception:  # noqa: BLE001 - retried at the next wake-up
-                log.exception("event=report_batch_failed")
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), timeout=self.poll)
-            except asyncio.TimeoutError:
-                pass
 
     async def run_once(self) -> int:
         now = dt.datetime.now(dt.timezone.utc)

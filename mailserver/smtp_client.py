@@ -36,7 +36,7 @@ from mailserver.audit import append_in
 from mailserver.audit_api import AuditEvent
 from mailserver.blobs import BlobStore
 from mailserver.dsn import Action, parse_notify, should_report
-from mailserver.queue import Queue, RecipientState
+from mailserver.queue import Queue, QueueWorker, RecipientState
 from mailserver.schema import queue_messages, queue_recipients
 from mailserver.trust_api import TrustLookup
 
@@ -180,48 +180,23 @@ def _log_safe(text: str) -> str:
     return " ".join(text.split())[:300]
 
 
-class RemoteDelivery:
+class RemoteDelivery(QueueWorker):
     """The outbound worker: claims, dials, records. Woken by the queue and every `poll` seconds."""
+
+    name = "remote-delivery"
+    batch = 1  # whatever it claimed, look again at once
 
     def __init__(self, queue: Queue, blobs: BlobStore, trust: TrustLookup, validator: CertificateValidator,
                  settings: RemoteSettings, *, poll: float = 1.0, concurrency: int = 20) -> None:
-        self.queue = queue
+        super().__init__(queue, poll=poll)
         self.blobs = blobs
         self.trust = trust
         self.validator = validator
         self.settings = settings
-        self.poll = poll
         self.owner = queue.node
         self.concurrency = asyncio.Semaphore(concurrency)
         self.tls = client_context(settings.ca_bundle, settings.certificate, settings.key)
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self.wakeup = queue.subscribe()
         self.relayed = 0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="remote-delivery")
-
-    async def stop(self) -> None:
-        self._stopping = True
-        self.wakeup.set()
-        if self._task:
-            await self._task
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            self.wakeup.clear()
-            try:
-                done = await self.run_once()
-            except Exception:  # noqa: BLE001 - keep the worker alive; the batch is retried
-                log.exception("event=remote_batch_failed")
-                done = 0
-            if done:
-                continue
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), timeout=self.poll)
-            except asyncio.TimeoutError:
-                pass
 
     async def run_once(self) -> int:
         claimed = await self.queue.writer.run(lambda c: claim_in(c, self.settings, self.owner))

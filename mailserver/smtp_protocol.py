@@ -12,6 +12,8 @@ aiosmtpd behaviour replaced in this one place (REFERENCE.md §6), each with a te
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import email.utils
 import logging
 import re
 import ssl
@@ -85,6 +87,15 @@ def split_path(arg: str | None, keyword: str) -> tuple[str, str] | None:
     return path, rest[end + 1:]
 
 
+IDENT = "Caducee ESMTP"  # ASCII: it appears in the greeting and in Received fields
+
+
+def ehlo_lines(responses: list[str]) -> list[str]:
+    """aiosmtpd's EHLO lines without HELP, plus what every listener of ours does (RFC 2920, 3461, 2034)."""
+    lines = [r for r in responses if r not in ("250 HELP", "250-HELP")]
+    return lines + ["250-PIPELINING", "250-DSN", "250 ENHANCEDSTATUSCODES"]
+
+
 class CaduceeSMTP(SMTP):
     """aiosmtpd's SMTP with the fixes above. `handler.connections` tracks the live sessions."""
 
@@ -133,6 +144,24 @@ class CaduceeSMTP(SMTP):
     @property
     def is_tls(self) -> bool:
         return self.implicit_tls or self._tls_protocol is not None
+
+    def received_header(self, hostname: str, queue_id: str, protocol: str) -> bytes:
+        """The trace field of RFC 5321 §4.4; `protocol` per RFC 3848 (ESMTPS, ESMTPSA)."""
+        from mailserver.policy import sanitise_helo
+
+        tls = self.tls_ssl_object
+        tls_info = ""
+        if tls is not None:
+            cipher = tls.cipher()
+            tls_info = f" (version={tls.version()} cipher={cipher[0] if cipher else ''})"
+        assert self.session is not None
+        helo = sanitise_helo(self.session.host_name or "unknown")
+        peer_ip = self.session.peer[0] if isinstance(self.session.peer, tuple) else "unknown"
+        date = email.utils.format_datetime(dt.datetime.now(dt.timezone.utc))
+        return (
+            f"Received: from {helo} ([{peer_ip}])\r\n\tby {hostname} ({IDENT}) with {protocol}"
+            f" id {queue_id}{tls_info};\r\n\t{date}\r\n"
+        ).encode("ascii", errors="replace")
 
     # -- MAIL and RCPT (RFC 5321 §4.1.1.2–3, RFC 1870, RFC 6152, RFC 6531, RFC 3461 §4) --
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import datetime as dt
-import email.utils
 import logging
 import ssl
 import warnings
@@ -28,12 +26,11 @@ from mailserver import policy, replies
 from mailserver.audit_api import AuditEvent, AuditSink
 from mailserver.auth import CertificateAuthenticator, Identity, LoginRefused
 from mailserver.queue import Envelope, Queue, Recipient, new_queue_id
-from mailserver.smtp_protocol import CaduceeSMTP, envelope_dsn, opaque_exception_reply, shutdown
+from mailserver.smtp_protocol import IDENT, CaduceeSMTP, ehlo_lines, envelope_dsn, opaque_exception_reply
 from mailserver.trust_api import TrustLookup
 
 log = logging.getLogger(__name__)
 
-IDENT = "Caducee ESMTP"  # ASCII: it appears in the greeting and in Received fields
 
 
 @dataclass(frozen=True)
@@ -74,9 +71,7 @@ class SubmissionHandler:
     async def handle_EHLO(self, server: SubmissionSMTP, session: Session, envelope: SmtpEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        lines = [r for r in responses if r not in ("250 HELP", "250-HELP")]
-        lines += ["250-PIPELINING", "250-DSN", "250 ENHANCEDSTATUSCODES"]
-        return lines
+        return ehlo_lines(responses)
 
     # RFC 4422 Appendix A, RFC 4954: AUTH EXTERNAL [initial-response]
     async def auth_EXTERNAL(self, server: SubmissionSMTP, args: list[str]) -> AuthResult:
@@ -146,7 +141,7 @@ class SubmissionHandler:
         data, message_id = policy.prepend_trace(
             content,
             checked,
-            received=self._received_header(server, session, queue_id),
+            received=server.received_header(self.settings.hostname, queue_id, "ESMTPSA"),
             hostname=self.settings.hostname,
         )
         env = Envelope(
@@ -170,20 +165,6 @@ class SubmissionHandler:
     async def handle_exception(self, error: Exception) -> str:
         return opaque_exception_reply(error, log)
 
-    def _received_header(self, server: SubmissionSMTP, session: Session, queue_id: str) -> bytes:
-        # RFC 5321 §4.4 trace field; RFC 3848 "ESMTPSA": ESMTP over TLS, authenticated.
-        tls = server.tls_ssl_object
-        tls_info = ""
-        if tls is not None:
-            cipher = tls.cipher()
-            tls_info = f" (version={tls.version()} cipher={cipher[0] if cipher else ''})"
-        helo = policy.sanitise_helo(session.host_name or "unknown")
-        peer_ip = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
-        date = email.utils.format_datetime(dt.datetime.now(dt.timezone.utc))
-        return (
-            f"Received: from {helo} ([{peer_ip}])\r\n\tby {self.settings.hostname} ({IDENT}) with ESMTPSA"
-            f" id {queue_id}{tls_info};\r\n\t{date}\r\n"
-        ).encode("ascii", errors="replace")
 
 
 def _peer(server: SMTP) -> str:

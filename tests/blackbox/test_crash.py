@@ -8,7 +8,6 @@ import re
 import smtplib
 import ssl
 import threading
-import time
 from pathlib import Path
 
 from mailserver.testing import ServerProcess, wait_for

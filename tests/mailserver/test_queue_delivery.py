@@ -90,8 +90,8 @@ def test_enqueue_then_deliver_exactly_once(engines: tuple[sa.Engine, Writer], tm
         louis_inbox = store.get_folder(2, "INBOX")
         assert louis_inbox is not None
         store.add_listener(louis_inbox.id, notified.append)
-        first = await delivery.run_once()
-        second = await delivery.run_once()
+        first = await delivery.deliver()
+        second = await delivery.deliver()
         assert len(first) == 2 and second == []
 
     asyncio.run(main())

@@ -25,7 +25,8 @@ from mailserver.auth import CertificateAuthenticator
 from mailserver.blobs import BlobStore
 from mailserver.db import Writer, make_engine
 from mailserver.queue import Queue
-from mailserver.smtp_server import SubmissionHandler, SubmissionSettings, make_protocol_factory, shutdown
+from mailserver.smtp_protocol import shutdown
+from mailserver.smtp_server import SubmissionHandler, SubmissionSettings, make_protocol_factory
 
 
 @dataclass
