@@ -20,6 +20,8 @@ from mailserver.db import Writer
 from mailserver.schema import audit_log
 
 GENESIS = "0" * 64
+_LAST_HASH = sa.select(audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+_INSERT_ENTRY = sa.insert(audit_log)
 
 
 def _canonical(at: dt.datetime, event: str, actor: str, protocol: str | None, mailbox: str | None,
@@ -53,14 +55,13 @@ def append_in(
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(7223372036)"))
     at = at or dt.datetime.now(dt.timezone.utc)
     detail_json = json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False) if detail else None
-    prev = conn.execute(sa.select(audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)).scalar()
+    prev = conn.execute(_LAST_HASH).scalar()
     prev_hash = prev or GENESIS
     digest = chain_hash(prev_hash, _canonical(at, event.value, actor, protocol, mailbox, message_id, detail_json))
     conn.execute(
-        sa.insert(audit_log).values(
-            at=at, event=event.value, actor=actor, protocol=protocol, mailbox=mailbox,
-            message_id=message_id, detail=detail_json, prev_hash=prev_hash, hash=digest,
-        )
+        _INSERT_ENTRY,
+        dict(at=at, event=event.value, actor=actor, protocol=protocol, mailbox=mailbox,
+             message_id=message_id, detail=detail_json, prev_hash=prev_hash, hash=digest),
     )
 
 

@@ -60,6 +60,7 @@ class _Pending:
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[Any] | None
     done: threading.Event | None = None
+    before_commit: Callable[[], None] | None = None
     result: Any = None
     error: BaseException | None = None
     callbacks: list[Callable[[], None]] = field(default_factory=list)
@@ -89,15 +90,17 @@ class Writer:
             self._queue.put(None)
             self._thread.join()
 
-    async def run(self, job: Job[T]) -> T:
+    async def run(self, job: Job[T], *, before_commit: Callable[[], None] | None = None) -> T:
+        """Run `job` in the next batch. `before_commit` runs once per batch however many jobs name it,
+        after the jobs and before COMMIT (e.g. the fsync that makes their blobs durable)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._submit(_Pending(job, loop, fut))
+        self._submit(_Pending(job, loop, fut, before_commit=before_commit))
         return await fut
 
-    def run_sync(self, job: Job[T]) -> T:
+    def run_sync(self, job: Job[T], *, before_commit: Callable[[], None] | None = None) -> T:
         """For callers outside the event loop (CLI, tests): block until the job is committed."""
-        pending = _Pending(job, None, None, threading.Event())
+        pending = _Pending(job, None, None, threading.Event(), before_commit=before_commit)
         self._submit(pending)
         assert pending.done is not None
         pending.done.wait()
@@ -136,12 +139,19 @@ class Writer:
     def _run_batch(self, batch: list[_Pending]) -> None:
         try:
             with self.engine.begin() as conn:
+                hooks: dict[tuple[int, str], Callable[[], None]] = {}
                 for pending in batch:
                     try:
                         with conn.begin_nested():
                             pending.result = pending.job(conn)
                     except Exception as exc:  # noqa: BLE001 - one job's failure must not sink the batch
                         pending.error = exc
+                        continue
+                    hook = pending.before_commit
+                    if hook is not None:  # bound methods are new objects each time: key on owner + name
+                        hooks.setdefault((id(getattr(hook, "__self__", hook)), getattr(hook, "__name__", "")), hook)
+                for hook in hooks.values():
+                    hook()  # raising here rolls the whole batch back: nothing is acknowledged
         except Exception as exc:  # noqa: BLE001 - the commit itself failed: nothing in the batch is durable
             log.error("event=commit_failed jobs=%d error=%s", len(batch), type(exc).__name__)
             for pending in batch:

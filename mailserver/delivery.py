@@ -149,7 +149,7 @@ class LocalDelivery(QueueWorker):
             return []
         done = await self.queue.writer.run(
             lambda conn: deliver_due_in(conn, self.local_domains, read_blob=self.store.read_blob,
-                                        final_blobs=finals))
+                                        final_blobs=finals), before_commit=self.store.blobs.flush)
         for item in done:
             log.info("event=delivered queue_id=%s folder=%s uid=%s", item.queue_id, item.folder_id, item.uid)
         for folder_id in {d.folder_id for d in done}:

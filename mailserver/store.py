@@ -217,7 +217,7 @@ class SqlMailStore:
             )
             return uid
 
-        uid = await self.writer.run(job)
+        uid = await self.writer.run(job, before_commit=self.blobs.flush)
         self.notify(folder_id)
         return uid
 
