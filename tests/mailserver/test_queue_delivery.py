@@ -127,3 +127,34 @@ def test_blob_store_is_content_addressed(tmp_path: Path) -> None:
     assert not any((tmp_path / "tmp").iterdir())  # no temporary file left behind
     with pytest.raises(ValueError):
         blobs.path("../../etc/passwd")
+
+
+def test_a_failing_flush_before_commit_acknowledges_nothing(engines: tuple[sa.Engine, Writer]) -> None:
+    read, writer = engines
+    calls: list[int] = []
+
+    class Disk:
+        def flush(self) -> None:
+            calls.append(1)
+            raise OSError("fsync failed")
+
+    disk = Disk()
+    with pytest.raises(OSError):
+        writer.run_sync(lambda c: audit.append_in(c, AuditEvent.ADMIN, actor="x"), before_commit=disk.flush)
+    assert calls == [1]
+    with read.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar() == 0
+    # hooks of one owner run once per batch, however many jobs name them
+    flushed: list[int] = []
+
+    class Blobs:
+        def flush(self) -> None:
+            flushed.append(1)
+
+    blobs = Blobs()
+
+    async def many() -> None:
+        await asyncio.gather(*(writer.run(lambda c: None, before_commit=blobs.flush) for _ in range(50)))
+
+    asyncio.run(many())
+    assert 1 <= len(flushed) <= writer.batches
