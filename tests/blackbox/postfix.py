@@ -328,6 +328,7 @@ inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 mynetworks = 127.0.0.1/32
 smtp_dns_support_level = disabled
+smtpd_peername_lookup = no
 smtpd_banner = $myhostname ESMTP
 smtputf8_enable = no
 biff = no
@@ -383,10 +384,12 @@ smtp_tls_mandatory_ciphers = high
 smtp_tls_loglevel = 1
 smtp_connection_cache_on_demand = no
 
-# Fast retries, short lives.
+# Fast retries, short lives. Not below 2s: a deferred file is dated now + backoff and the queue manager
+# takes back files dated up to now + 1s; with 1s it may take the file back before the delivery agent
+# has released its lock, and then parks it in "incoming" for 60 s.
 queue_run_delay = 1s
-minimal_backoff_time = 1s
-maximal_backoff_time = 2s
+minimal_backoff_time = 2s
+maximal_backoff_time = 4s
 maximal_queue_lifetime = {queue_lifetime}s
 bounce_queue_lifetime = {queue_lifetime}s
 """

@@ -285,7 +285,7 @@ def test_optional_client_certificate(certificates: Certificates) -> None:
             result = swaks(peer, "--from", "sender@other.test", "--to", f"alice@{DOMAIN}",
                            "--header", "Subject: no client certificate")
             assert result.returncode == 0, explain(peer, 0, result)
-            peer.wait_for_log(r"Anonymous TLS connection established from localhost\[127\.0\.0\.1\]")
+            peer.wait_for_log(r"Anonymous TLS connection established from unknown\[127\.0\.0\.1\]")
             peer.wait_for_log(rf"to=<alice@{DOMAIN}>, relay=virtual, .*status=sent")
             assert [m for m in peer.maildir_messages("alice") if b"Subject: no client certificate" in m]
         assert peer.running_pids() == []
@@ -305,7 +305,7 @@ def test_inbound_with_client_certificate_is_delivered(postfix: PostfixPeer, cert
     queue_id = queued.group(1)
     postfix.wait_for_log(rf"{queue_id}: to=<alice@{DOMAIN}>, relay=virtual, .*status=sent \(delivered to maildir\)",
                          offset=offset)
-    assert re.search(r"Trusted TLS connection established from localhost\[127\.0\.0\.1\]: TLSv1\.[23]",
+    assert re.search(r"Trusted TLS connection established from unknown\[127\.0\.0\.1\]: TLSv1\.[23]",
                      postfix.log_text(offset))
     delivered = [m for m in postfix.maildir_messages("alice") if b"Subject: inbound mutual TLS" in m]
     assert len(delivered) == 1
@@ -321,7 +321,7 @@ def test_inbound_without_client_certificate_is_refused(postfix: PostfixPeer) -> 
     assert result.returncode != 0
     assert f"421 4.7.1 {HOSTNAME} Error: No client certificate presented" in replies(result), \
         explain(postfix, offset, result)
-    postfix.wait_for_log(r"NOQUEUE: abort: TLS from localhost\[127\.0\.0\.1\]: No client certificate presented",
+    postfix.wait_for_log(r"NOQUEUE: abort: TLS from unknown\[127\.0\.0\.1\]: No client certificate presented",
                          offset=offset)
     assert len(postfix.maildir_messages("alice")) == before
 
@@ -333,7 +333,7 @@ def test_inbound_with_foreign_client_certificate_is_refused(postfix: PostfixPeer
     assert result.returncode != 0
     assert f"421 4.7.1 {HOSTNAME} Error: Client certificate not trusted" in replies(result), \
         explain(postfix, offset, result)
-    postfix.wait_for_log(r"NOQUEUE: abort: TLS from localhost\[127\.0\.0\.1\]: Client certificate not trusted",
+    postfix.wait_for_log(r"NOQUEUE: abort: TLS from unknown\[127\.0\.0\.1\]: Client certificate not trusted",
                          offset=offset)
 
 
@@ -355,7 +355,7 @@ def test_inbound_recipient_not_local_is_refused(postfix: PostfixPeer, certificat
     result = swaks(postfix, "--from", "sender@other.test", "--to", recipient, cert=certificates.other)
     assert result.returncode != 0
     assert reply in replies(result), explain(postfix, offset, result)
-    postfix.wait_for_log(rf"NOQUEUE: reject: RCPT from localhost\[127\.0\.0\.1\]: {re.escape(reply)};",
+    postfix.wait_for_log(rf"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]: {re.escape(reply)};",
                          offset=offset)
 
 
