@@ -15,9 +15,22 @@ from caducee.config import Config, HostPort
 log = logging.getLogger("caducee")
 
 
+class SafeFormatter(logging.Formatter):
+    """Tracebacks without exception messages nor source lines: an exception's text may carry message or
+    patient data (a header value, an address, an INS), so the log gets the type and where it was raised."""
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's API
+        import traceback
+
+        exc_type, _exc, tb = ei
+        frames = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}"
+                            for f in reversed(traceback.extract_tb(tb)))
+        return f"  exception={getattr(exc_type, '__name__', 'unknown')} where={frames}"
+
+
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
