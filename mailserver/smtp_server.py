@@ -79,7 +79,7 @@ class SubmissionHandler:
             await server.push(str(replies.MUST_STARTTLS))
             return AuthResult(success=False, handled=True)
         if len(args) > 1:
-            response: str | None = args[1]
+            response: str = args[1]
         else:
             await server.push("334 ")
             line = await server._reader.readline()
@@ -95,7 +95,8 @@ class SubmissionHandler:
             except (binascii.Error, UnicodeDecodeError):
                 await server.push(str(replies.AUTH_SYNTAX))
                 return AuthResult(success=False, handled=True)
-        der = peer_certificate_der(server.tls_ssl_object)
+        tls_object = server.tls_ssl_object
+        der = peer_certificate_der(tls_object) if tls_object is not None else None
         try:
             identity = await asyncio.to_thread(self.authenticator.authenticate, der, authzid)
         except LoginRefused as exc:
