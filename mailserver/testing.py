@@ -18,7 +18,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import imaplib
+    import smtplib
+    import ssl
 
 LISTENERS = ("relay", "submission", "submissions", "imap", "imaps")
 
@@ -110,6 +115,40 @@ class ServerProcess:
         """Run a `caducee` command on this node's state folder."""
         return subprocess.run(caducee_command(*args, "--state", str(self.state)), capture_output=True,
                               text=True, check=check)
+
+    def tls_context(self, ident: dict[str, Any] | None) -> "ssl.SSLContext":
+        """A client context trusting this node's CA bundle, with `ident`'s certificate when given."""
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.ca_bundle)
+        if ident:
+            ctx.load_cert_chain(ident["cert"], ident["key"])
+        return ctx
+
+    def smtp(self, ident: dict[str, Any], *, helo: str = "client.test") -> "smtplib.SMTP_SSL":
+        """smtplib over implicit TLS, logged in with `ident`'s certificate (AUTH EXTERNAL)."""
+        import smtplib
+
+        s = smtplib.SMTP_SSL("localhost", self.port("submissions"), context=self.tls_context(ident), timeout=15)
+        try:
+            s.ehlo(helo)
+            s.auth("EXTERNAL", lambda challenge=None: "")
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    def imap(self, ident: dict[str, Any], *, authzid: str = "") -> "imaplib.IMAP4_SSL":
+        """imaplib over implicit TLS, logged in with `ident`'s certificate (AUTHENTICATE EXTERNAL)."""
+        import imaplib
+
+        m = imaplib.IMAP4_SSL("localhost", self.port("imaps"), ssl_context=self.tls_context(ident), timeout=15)
+        try:
+            m.authenticate("EXTERNAL", lambda _challenge: authzid.encode())
+        except BaseException:
+            m.shutdown()
+            raise
+        return m
 
     @property
     def operator_dn(self) -> str:

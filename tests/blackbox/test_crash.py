@@ -3,33 +3,14 @@ partial message is ever visible (DESIGN.md §3; security.md §6 'kill -9 before 
 
 from __future__ import annotations
 
-import imaplib
 import re
 import smtplib
-import ssl
 import threading
 from pathlib import Path
 
 from mailserver.testing import ServerProcess, wait_for
 
 SENDERS = 4
-
-
-def _smtp(server: ServerProcess, ident: dict) -> smtplib.SMTP_SSL:
-    ctx = ssl.create_default_context(cafile=server.ca_bundle)
-    ctx.load_cert_chain(ident["cert"], ident["key"])
-    s = smtplib.SMTP_SSL("localhost", server.port("submissions"), context=ctx, timeout=10)
-    s.ehlo("crash.test")
-    s.auth("EXTERNAL", lambda challenge=None: "")
-    return s
-
-
-def _imap(server: ServerProcess, ident: dict) -> imaplib.IMAP4_SSL:
-    ctx = ssl.create_default_context(cafile=server.ca_bundle)
-    ctx.load_cert_chain(ident["cert"], ident["key"])
-    m = imaplib.IMAP4_SSL("localhost", server.port("imaps"), ssl_context=ctx, timeout=10)
-    m.authenticate("EXTERNAL", lambda _challenge: b"")
-    return m
 
 
 def _body(sender: str, rcpt: str, mid: str) -> bytes:
@@ -50,7 +31,7 @@ def test_sigkill_while_sending_loses_and_duplicates_nothing(tmp_path: Path) -> N
         i = 0
         while not stop.is_set():
             try:
-                s = _smtp(server, alice)
+                s = server.smtp(alice, helo="crash.test")
             except (OSError, smtplib.SMTPException):
                 return
             try:
@@ -77,7 +58,7 @@ def test_sigkill_while_sending_loses_and_duplicates_nothing(tmp_path: Path) -> N
     server.start()
     try:
         def mailbox() -> dict[str, int]:
-            m = _imap(server, bob)
+            m = server.imap(bob)
             try:
                 m.select("INBOX", readonly=True)
                 typ, data = m.fetch("1:*", "(BODY.PEEK[])")

@@ -25,13 +25,7 @@ def _ctx(server: ServerProcess, ident: dict | None) -> ssl.SSLContext:
 
 
 def imaps(server: ServerProcess, ident: dict, authzid: str = "") -> imaplib.IMAP4_SSL:
-    m = imaplib.IMAP4_SSL("localhost", server.port("imaps"), ssl_context=_ctx(server, ident), timeout=15)
-    try:
-        m.authenticate("EXTERNAL", lambda _c: authzid.encode())
-    except BaseException:
-        m.shutdown()
-        raise
-    return m
+    return server.imap(ident, authzid=authzid)
 
 
 def send(server: ServerProcess, sender: dict, rcpt: str, subject: str, body: str = "Bonjour.") -> None:

@@ -3,17 +3,13 @@ delivery report back through Postfix, and a Postfix whose certificate DN is not 
 
 from __future__ import annotations
 
-import imaplib
 import re
 import shutil
-import smtplib
-import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 
 from crypto.pki import DevPKI
 from mailserver.testing import ServerProcess, free_port, wait_for
@@ -58,21 +54,9 @@ def space(tmp_path_factory: pytest.TempPathFactory, tools: None) -> Iterator[dic
             yield {"a": a, "postfix": peer, "rogue": rogue}
 
 
-def _smtp(server: ServerProcess, ident: dict) -> smtplib.SMTP_SSL:
-    ctx = ssl.create_default_context(cafile=server.ca_bundle)
-    ctx.load_cert_chain(ident["cert"], ident["key"])
-    s = smtplib.SMTP_SSL("localhost", server.port("submissions"), context=ctx, timeout=15)
-    s.ehlo("lps.test")
-    s.auth("EXTERNAL", lambda challenge=None: "")
-    return s
-
-
 def _inbox(server: ServerProcess, ident: dict, *criteria: str) -> list[bytes]:
-    ctx = ssl.create_default_context(cafile=server.ca_bundle)
-    ctx.load_cert_chain(ident["cert"], ident["key"])
-    m = imaplib.IMAP4_SSL("localhost", server.port("imaps"), ssl_context=ctx, timeout=15)
+    m = server.imap(ident)
     try:
-        m.authenticate("EXTERNAL", lambda _c: b"")
         m.select("INBOX", readonly=True)
         typ, data = m.search(None, *criteria)
         return [m.fetch(n, "(BODY.PEEK[])")[1][0][1] for n in data[0].split()]
@@ -87,7 +71,7 @@ def test_caducee_to_postfix_with_the_delivery_report_back(space: dict[str, objec
     tag = f"to-postfix-{time.monotonic_ns()}"
     msg = (f"From: {camille['address']}\r\nTo: dr.dupont@postfix.test\r\nSubject: {tag}\r\n"
            f"Message-ID: <{tag}@a.test>\r\n\r\nCompte rendu pour Postfix.\r\n").encode()
-    s = _smtp(a, camille)
+    s = a.smtp(camille)
     s.sendmail(camille["address"], ["dr.dupont@postfix.test"], msg, mail_options=[f"ENVID={tag}"],
                rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
     s.quit()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import imaplib
 import re
-import smtplib
-import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -37,20 +35,8 @@ def operators(tmp_path_factory: pytest.TempPathFactory, tools: None) -> Iterator
         yield a, b
 
 
-def _smtp(server: ServerProcess, ident: dict) -> smtplib.SMTP_SSL:
-    ctx = ssl.create_default_context(cafile=server.ca_bundle)
-    ctx.load_cert_chain(ident["cert"], ident["key"])
-    s = smtplib.SMTP_SSL("localhost", server.port("submissions"), context=ctx, timeout=15)
-    s.ehlo("lps.test")
-    s.auth("EXTERNAL", lambda challenge=None: "")
-    return s
-
-
 def _imap(server: ServerProcess, ident: dict) -> imaplib.IMAP4_SSL:
-    ctx = ssl.create_default_context(cafile=server.ca_bundle)
-    ctx.load_cert_chain(ident["cert"], ident["key"])
-    m = imaplib.IMAP4_SSL("localhost", server.port("imaps"), ssl_context=ctx, timeout=15)
-    m.authenticate("EXTERNAL", lambda _c: b"")
+    m = server.imap(ident)
     m.select("INBOX")
     return m
 
@@ -72,7 +58,7 @@ def test_message_crosses_operators_and_the_success_dsn_comes_back(operators: tup
     tag = f"inter-{time.monotonic_ns()}"
     msg = (f"From: {camille['address']}\r\nTo: {louis['address']}\r\nSubject: {tag}\r\n"
            f"Message-ID: <{tag}@a.test>\r\n\r\nCompte rendu.\r\n").encode()
-    s = _smtp(a, camille)
+    s = a.smtp(camille)
     s.sendmail(camille["address"], [louis["address"]], msg, mail_options=["RET=HDRS", f"ENVID={tag}"],
                rcpt_options=["NOTIFY=SUCCESS,FAILURE", f"ORCPT=rfc822;{louis['address']}"])
     s.quit()
@@ -136,7 +122,7 @@ def test_relay_is_not_open(operators: tuple[ServerProcess, ServerProcess]) -> No
 def test_submission_refuses_recipients_outside_the_trust_space(operators: tuple[ServerProcess, ServerProcess]) -> None:
     a, _ = operators
     camille = a.identity("PER", 0)
-    s = _smtp(a, camille)
+    s = a.smtp(camille)
     try:
         s.mail(camille["address"])
         assert s.rcpt("someone@gmail.example")[0] == 550
@@ -151,7 +137,7 @@ def test_unreachable_operator_gives_delay_then_failure_reports(operators: tuple[
     tag = f"unreach-{time.monotonic_ns()}"
     msg = (f"From: {camille['address']}\r\nTo: dr@c.test\r\nSubject: {tag}\r\nMessage-ID: <{tag}@a.test>\r\n"
            f"\r\nx\r\n").encode()
-    s = _smtp(a, camille)
+    s = a.smtp(camille)
     s.sendmail(camille["address"], ["dr@c.test"], msg, rcpt_options=["NOTIFY=FAILURE,DELAY"])
     s.quit()
     m = _imap(a, camille)
@@ -188,7 +174,7 @@ def test_reading_sends_one_read_receipt_back_across_operators(operators: tuple[S
     tag = f"mdn-{time.monotonic_ns()}"
     msg = (f"From: {camille['address']}\r\nTo: {louis['address']}\r\nSubject: {tag}\r\n"
            f"Message-ID: <{tag}@a.test>\r\nDisposition-Notification-To: {camille['address']}\r\n\r\nCR.\r\n").encode()
-    s = _smtp(a, camille)
+    s = a.smtp(camille)
     s.sendmail(camille["address"], [louis["address"]], msg)
     s.quit()
     m = _imap(b, louis)
