@@ -1,14 +1,60 @@
-"""The directory store: principals, mailboxes and who may use which mailbox."""
+"""The directory store: principals, mailboxes, who may use which mailbox, and the national directory.
+
+The mail server logs in and checks recipients through `principal_by_national_id`, `mailboxes_of` and
+`mailbox_by_address`: they see active mailboxes this operator hosts only. The national MSSanté
+extraction (`directory.importers`) also brings the mailboxes of every other operator, for the directory
+search; those are never a login's mailboxes nor a local recipient.
+
+A mailbox's address and type never change after creation (REFERENCE.md §1): no method here changes
+them, and `update_mailbox` refuses to.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+from typing import Any
 
 import sqlalchemy as sa
+from cryptography import x509
 
 from directory.identifiers import PrincipalKind
-from directory.model import Mailbox, MailboxType, Principal
-from directory.schema import mailbox_access, mailboxes, principals
+from directory.importers.text import normalise
+from directory.model import (
+    Activity,
+    Certificate,
+    CertificateStatus,
+    CertificateUsage,
+    Mailbox,
+    MailboxSource,
+    MailboxType,
+    Organisation,
+    Practitioner,
+    Principal,
+    Skill,
+    SkillKind,
+)
+from directory.schema import (
+    activities,
+    certificates,
+    mailbox_access,
+    mailboxes,
+    organisations,
+    practitioner_skills,
+    practitioners,
+    principals,
+)
+
+# What `update_mailbox` may change; the address, the type and the holder are fixed at creation.
+MUTABLE_MAILBOX_FIELDS = frozenset({
+    "description", "liste_rouge", "preference", "service", "responsible", "structure_id",
+    "dematerialisation", "active",
+})
+IMMUTABLE_MAILBOX_FIELDS = frozenset({"address", "mailbox_type", "owner_id"})
+
+
+class ImmutableMailboxField(ValueError):
+    """An attempt to change a mailbox's address, type or holder (REFERENCE.md §1)."""
 
 
 def normalise_address(address: str) -> str:
@@ -16,7 +62,7 @@ def normalise_address(address: str) -> str:
     return address.strip().lower()
 
 
-def _principal(row: sa.Row) -> Principal:
+def _principal(row: sa.Row[Any]) -> Principal:
     return Principal(
         id=row.id,
         kind=PrincipalKind(row.kind),
@@ -26,16 +72,82 @@ def _principal(row: sa.Row) -> Principal:
     )
 
 
-def _mailbox(row: sa.Row) -> Mailbox:
+def mailbox_from_row(row: sa.Row[Any]) -> Mailbox:
+    """A `Mailbox` from a row holding the columns of `mailboxes`."""
     return Mailbox(
         id=row.id,
         address=row.address,
         mailbox_type=MailboxType(row.mailbox_type),
         owner_id=row.owner_id,
         description=row.description,
-        liste_rouge=row.liste_rouge,
+        liste_rouge=bool(row.liste_rouge),
         preference=row.preference,
+        service=row.service,
+        responsible=row.responsible,
+        structure_id=row.structure_id,
+        dematerialisation=None if row.dematerialisation is None else bool(row.dematerialisation),
+        source=MailboxSource(row.source),
+        hosted=bool(row.hosted),
     )
+
+
+_mailbox = mailbox_from_row
+
+
+def practitioner_from_row(row: sa.Row[Any]) -> Practitioner:
+    """A `Practitioner` from a row holding the columns of `practitioners`."""
+    return Practitioner(
+        principal_id=row.principal_id, national_id=row.national_id, id_type=row.id_type,
+        identifier=row.identifier, last_name=row.last_name, first_names=row.first_names,
+        civility_code=row.civility_code, civility_label=row.civility_label,
+        exercise_civility_code=row.exercise_civility_code, exercise_civility_label=row.exercise_civility_label,
+        profession_code=row.profession_code, profession_label=row.profession_label,
+        category_code=row.category_code, category_label=row.category_label,
+    )
+
+
+def organisation_from_row(row: sa.Row[Any]) -> Organisation:
+    """An `Organisation` from a row holding the columns of `organisations`."""
+    return Organisation(
+        id=row.id, principal_id=row.principal_id, structure_id=row.structure_id, name=row.name,
+        trade_name=row.trade_name, technical_id=row.technical_id, finess=row.finess,
+        finess_legal=row.finess_legal, siret=row.siret, siren=row.siren, address=row.address,
+        postcode=row.postcode, commune_code=row.commune_code, city=row.city, country_code=row.country_code,
+        country_label=row.country_label, department_code=row.department_code,
+        department_label=row.department_label, phone=row.phone, phone2=row.phone2, fax=row.fax, email=row.email,
+    )
+
+
+def activity_from_row(row: sa.Row[Any]) -> Activity:
+    """An `Activity` from a row holding the columns of `activities`."""
+    return Activity(
+        id=row.id, practitioner_id=row.practitioner_id, organisation_id=row.organisation_id,
+        mode_code=row.mode_code, mode_label=row.mode_label, sector_code=row.sector_code,
+        sector_label=row.sector_label, role_code=row.role_code, role_label=row.role_label,
+        genre_code=row.genre_code, genre_label=row.genre_label, section_code=row.section_code,
+        section_label=row.section_label, registration_authority=row.registration_authority,
+        phone=row.phone, phone2=row.phone2, fax=row.fax, email=row.email,
+    )
+
+
+def skill_from_row(row: sa.Row[Any]) -> Skill:
+    """A `Skill` from a row holding the columns of `practitioner_skills`."""
+    return Skill(kind=SkillKind(row.kind), code=row.code, label=row.label, type_code=row.type_code,
+                 type_label=row.type_label, source=row.source)
+
+
+def _certificate(row: sa.Row[Any]) -> Certificate:
+    not_after = row.not_after
+    if not_after.tzinfo is None:  # SQLite returns naive datetimes; they are stored in UTC
+        not_after = not_after.replace(tzinfo=dt.timezone.utc)
+    return Certificate(
+        id=row.id, principal_id=row.principal_id, mailbox_id=row.mailbox_id, usage=CertificateUsage(row.usage),
+        serial=row.serial, issuer_dn=row.issuer_dn, subject_dn=row.subject_dn, not_after=not_after,
+        status=CertificateStatus(row.status), fingerprint=row.fingerprint, der=bytes(row.der),
+    )
+
+
+_SERVED = sa.and_(mailboxes.c.active.is_(True), mailboxes.c.hosted.is_(True))
 
 
 class DirectoryStore:
@@ -44,7 +156,7 @@ class DirectoryStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
 
-    # -- reads --
+    # -- reads used by the mail server --
     def principal_by_national_id(self, national_id: str) -> Principal | None:
         with self.engine.connect() as conn:
             row = conn.execute(
@@ -55,33 +167,76 @@ class DirectoryStore:
         return _principal(row) if row else None
 
     def mailbox_by_address(self, address: str) -> Mailbox | None:
+        """The active mailbox this operator hosts at `address` (recipient checks, delivery)."""
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(mailboxes).where(
-                    mailboxes.c.address == normalise_address(address), mailboxes.c.active.is_(True)
-                )
+                sa.select(mailboxes).where(mailboxes.c.address == normalise_address(address), _SERVED)
             ).first()
         return _mailbox(row) if row else None
 
     def mailboxes_of(self, principal_id: int) -> list[Mailbox]:
-        """Mailboxes the principal owns or was granted, by preference then address."""
+        """Hosted mailboxes the principal owns or was granted, by preference then address."""
         granted = sa.select(mailbox_access.c.mailbox_id).where(
             mailbox_access.c.principal_id == principal_id
         )
         query = (
             sa.select(mailboxes)
-            .where(
-                mailboxes.c.active.is_(True),
-                sa.or_(mailboxes.c.owner_id == principal_id, mailboxes.c.id.in_(granted)),
-            )
+            .where(_SERVED, sa.or_(mailboxes.c.owner_id == principal_id, mailboxes.c.id.in_(granted)))
             .order_by(mailboxes.c.preference, mailboxes.c.address)
         )
         with self.engine.connect() as conn:
             return [_mailbox(r) for r in conn.execute(query)]
 
-    def all_mailboxes(self) -> list[Mailbox]:
+    def all_mailboxes(self, *, hosted_only: bool = True) -> list[Mailbox]:
+        """Every mailbox by address: those this operator hosts, or with `hosted_only=False` also the
+        other operators' ones from the national extraction (active or not)."""
+        query = sa.select(mailboxes).order_by(mailboxes.c.address)
+        if hosted_only:
+            query = query.where(mailboxes.c.hosted.is_(True))
         with self.engine.connect() as conn:
-            return [_mailbox(r) for r in conn.execute(sa.select(mailboxes).order_by(mailboxes.c.address))]
+            return [_mailbox(r) for r in conn.execute(query)]
+
+    # -- reads of the national directory --
+    def principal(self, principal_id: int) -> Principal | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(principals).where(principals.c.id == principal_id)).first()
+        return _principal(row) if row else None
+
+    def mailbox(self, address: str) -> Mailbox | None:
+        """The mailbox at `address` whoever hosts it, active or not (administration, directory)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(mailboxes).where(mailboxes.c.address == normalise_address(address))
+            ).first()
+        return _mailbox(row) if row else None
+
+    def practitioner(self, national_id: str) -> Practitioner | None:
+        """The practitioner whose national id is `national_id` ("8" + RPPS or "0" + ADELI)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(practitioners).where(practitioners.c.national_id == national_id)
+            ).first()
+        return practitioner_from_row(row) if row else None
+
+    def skills_of(self, practitioner_id: int) -> list[Skill]:
+        query = (sa.select(practitioner_skills).where(practitioner_skills.c.practitioner_id == practitioner_id)
+                 .order_by(practitioner_skills.c.kind, practitioner_skills.c.code, practitioner_skills.c.source))
+        with self.engine.connect() as conn:
+            return [skill_from_row(r) for r in conn.execute(query)]
+
+    def activities_of(self, practitioner_id: int) -> list[Activity]:
+        query = (sa.select(activities).where(activities.c.practitioner_id == practitioner_id)
+                 .order_by(activities.c.id))
+        with self.engine.connect() as conn:
+            return [activity_from_row(r) for r in conn.execute(query)]
+
+    def organisation(self, structure_id: str) -> Organisation | None:
+        """The organisation whose structure national id is `structure_id` (e.g. "1" + FINESS)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(organisations).where(organisations.c.structure_id == structure_id)
+            ).first()
+        return organisation_from_row(row) if row else None
 
     # -- writes (administration; idempotent where it makes sense) --
     def add_principal(
@@ -101,9 +256,10 @@ class DirectoryStore:
                     national_id=national_id,
                     display_name=display_name,
                     organisation=organisation,
+                    name_norm=normalise(display_name)[:400] or None,
                     created_at=dt.datetime.now(dt.timezone.utc),
                 )
-            ).inserted_primary_key[0]
+            ).inserted_primary_key[0]  # type: ignore[index]
         return Principal(pid, kind, national_id, display_name, organisation)
 
     def add_mailbox(
@@ -115,13 +271,19 @@ class DirectoryStore:
         description: str | None = None,
         liste_rouge: bool = False,
         preference: int = 0,
+        service: str | None = None,
+        responsible: str | None = None,
+        structure_id: str | None = None,
+        dematerialisation: bool | None = None,
     ) -> Mailbox:
+        """Create a local mailbox hosted here; idempotent for the same address, type and holder."""
         address = normalise_address(address)
-        existing = self.mailbox_by_address(address)
+        existing = self.mailbox(address)
         if existing:
             if existing.mailbox_type is not mailbox_type or existing.owner_id != owner.id:
                 raise ValueError(f"mailbox {address} already exists with another type or owner")
             return existing
+        now = dt.datetime.now(dt.timezone.utc)
         with self.engine.begin() as conn:
             mid = conn.execute(
                 sa.insert(mailboxes).values(
@@ -131,10 +293,42 @@ class DirectoryStore:
                     description=description,
                     liste_rouge=liste_rouge,
                     preference=preference,
-                    created_at=dt.datetime.now(dt.timezone.utc),
+                    service=service,
+                    responsible=responsible,
+                    structure_id=structure_id,
+                    dematerialisation=dematerialisation,
+                    source=MailboxSource.LOCAL.value,
+                    hosted=True,
+                    created_at=now,
+                    updated_at=now,
                 )
-            ).inserted_primary_key[0]
-        return Mailbox(mid, address, mailbox_type, owner.id, description, liste_rouge, preference)
+            ).inserted_primary_key[0]  # type: ignore[index]
+        return Mailbox(mid, address, mailbox_type, owner.id, description, liste_rouge, preference, service,
+                       responsible, structure_id, dematerialisation, MailboxSource.LOCAL, True)
+
+    def update_mailbox(self, address: str, /, **changes: Any) -> Mailbox:
+        """Change the mutable attributes of a mailbox (`MUTABLE_MAILBOX_FIELDS`).
+
+        The address, type and holder never change (REFERENCE.md §1): asking to is an
+        `ImmutableMailboxField` error. A national mailbox changed here is set back by the next import
+        when the national file says otherwise.
+        """
+        fixed = IMMUTABLE_MAILBOX_FIELDS & changes.keys()
+        if fixed:
+            raise ImmutableMailboxField(
+                f"mailbox {normalise_address(address)}: {', '.join(sorted(fixed))} cannot change after creation")
+        unknown = changes.keys() - MUTABLE_MAILBOX_FIELDS
+        if unknown:
+            raise ValueError(f"unknown mailbox field(s): {', '.join(sorted(unknown))}")
+        address = normalise_address(address)
+        with self.engine.begin() as conn:
+            if changes:
+                conn.execute(sa.update(mailboxes).where(mailboxes.c.address == address).values(
+                    **changes, updated_at=dt.datetime.now(dt.timezone.utc)))
+            row = conn.execute(sa.select(mailboxes).where(mailboxes.c.address == address)).first()
+        if row is None:
+            raise LookupError(f"no mailbox {address}")
+        return _mailbox(row)
 
     def grant(self, mailbox: Mailbox, principal: Principal) -> None:
         with self.engine.begin() as conn:
@@ -148,3 +342,69 @@ class DirectoryStore:
                 conn.execute(
                     sa.insert(mailbox_access).values(mailbox_id=mailbox.id, principal_id=principal.id)
                 )
+
+    # -- certificates --
+    def add_certificate(self, principal: Principal, der: bytes, usage: CertificateUsage,
+                        mailbox: Mailbox | None = None) -> Certificate:
+        """Record a certificate of `principal` (idempotent by SHA-256 fingerprint).
+
+        Persons hold auth/sign/enc certificates, organisations "org" ones (REFERENCE.md §1); a bound
+        mailbox must be one the principal owns or was granted. The status starts as valid, or expired
+        when the certificate's validity has already ended.
+        """
+        cert = x509.load_der_x509_certificate(der)
+        expected = PrincipalKind.ORGANISATION if usage is CertificateUsage.ORG else PrincipalKind.PERSON
+        if principal.kind is not expected:
+            raise ValueError(f"a {usage.value} certificate belongs to a {expected.value}, "
+                             f"not to {principal.kind.value} {principal.national_id}")
+        fingerprint = hashlib.sha256(der).hexdigest()
+        not_after = cert.not_valid_after_utc
+        now = dt.datetime.now(dt.timezone.utc)
+        with self.engine.begin() as conn:
+            if mailbox is not None:
+                allowed = conn.execute(sa.select(sa.literal(1)).where(sa.or_(
+                    sa.exists().where(mailboxes.c.id == mailbox.id, mailboxes.c.owner_id == principal.id),
+                    sa.exists().where(mailbox_access.c.mailbox_id == mailbox.id,
+                                      mailbox_access.c.principal_id == principal.id),
+                ))).first()
+                if allowed is None:
+                    raise ValueError(f"mailbox {mailbox.address} is not one of {principal.national_id}'s")
+            row = conn.execute(sa.select(certificates).where(certificates.c.fingerprint == fingerprint)).first()
+            if row is None:
+                conn.execute(sa.insert(certificates).values(
+                    principal_id=principal.id, mailbox_id=mailbox.id if mailbox else None, usage=usage.value,
+                    der=der, serial=format(cert.serial_number, "X"), issuer_dn=cert.issuer.rfc4514_string(),
+                    subject_dn=cert.subject.rfc4514_string(), not_after=not_after,
+                    status=(CertificateStatus.EXPIRED if not_after <= now else CertificateStatus.VALID).value,
+                    fingerprint=fingerprint, created_at=now,
+                ))
+                row = conn.execute(
+                    sa.select(certificates).where(certificates.c.fingerprint == fingerprint)).first()
+        assert row is not None
+        return _certificate(row)
+
+    def certificates_of(self, principal_id: int, usage: CertificateUsage | None = None,
+                        *, valid_only: bool = False) -> list[Certificate]:
+        """The principal's certificates, latest expiry first."""
+        query = sa.select(certificates).where(certificates.c.principal_id == principal_id)
+        if usage is not None:
+            query = query.where(certificates.c.usage == usage.value)
+        if valid_only:
+            query = query.where(certificates.c.status == CertificateStatus.VALID.value,
+                                certificates.c.not_after > dt.datetime.now(dt.timezone.utc))
+        with self.engine.connect() as conn:
+            return [_certificate(r) for r in conn.execute(
+                query.order_by(certificates.c.not_after.desc(), certificates.c.id))]
+
+    def certificate_by_fingerprint(self, fingerprint: str) -> Certificate | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(certificates).where(
+                certificates.c.fingerprint == fingerprint.lower())).first()
+        return _certificate(row) if row else None
+
+    def set_certificate_status(self, fingerprint: str, status: CertificateStatus) -> bool:
+        """Mark a certificate revoked or expired (or valid again); False when it is unknown."""
+        with self.engine.begin() as conn:
+            result = conn.execute(sa.update(certificates).where(
+                certificates.c.fingerprint == fingerprint.lower()).values(status=status.value))
+        return bool(result.rowcount)

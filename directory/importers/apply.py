@@ -1,0 +1,402 @@
+"""Apply a staged national file to the directory: set-based INSERT / UPDATE / DELETE, one transaction.
+
+Each file kind owns some entities (REFERENCE.md §4, research/formats.md §1):
+
+- PS_LibreAcces_Personne_activite: practitioners, organisations (sites), activities, and the savoir-faire
+  rows it carries (skills with source "activity");
+- PS_LibreAcces_SavoirFaire / PS_LibreAcces_Dipl_AutExerc: skills with source "savoir_faire" / "diploma";
+- Extraction_Correspondance_MSSante: mailboxes with source "national".
+
+Re-importing a file applies the difference for those entities only: rows whose natural key is new are
+added, rows whose values differ (compared column by column, NULL-safe) are changed, rows of the
+directory absent from the file are removed (national mailboxes are deactivated instead: their folders and
+messages stay). Principals are created when missing and never deleted: mailboxes, certificates, grants
+and the audit trail refer to them. Local mailboxes (source "local") are never written by an import.
+
+Every statement is built with SQLAlchemy Core (parameters bound) and runs on SQLite ≥ 3.33 (UPDATE …
+FROM) and PostgreSQL. Inserts follow the order of the natural key (the staging index), so that the
+unique index of the target grows at its end; into an empty table, the secondary indexes are dropped and
+built again after the insert, which is several times faster than maintaining them row by row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from directory.importers.parsers import Report
+from directory.importers.staging import (
+    ACTIVITY_FIELDS,
+    ORGANISATION_FIELDS,
+    PRACTITIONER_FIELDS,
+    SKILL_FIELDS,
+    stg_activities,
+    stg_mailboxes,
+    stg_organisations,
+    stg_practitioners,
+    stg_skills,
+)
+from directory.schema import (
+    activities,
+    mailboxes,
+    organisations,
+    practitioner_skills,
+    practitioners,
+    principals,
+)
+
+PERSON = "person"
+ORGANISATION = "organisation"
+NATIONAL = "national"
+ANALYZE_AFTER = 10_000  # rows inserted into a table before PostgreSQL is asked to analyse it
+BULK_MIN_ROWS = 1_000  # below this, a table's indexes are always rebuilt around a large insert
+Values = dict[str, sa.ColumnElement[Any]]
+
+
+@dataclass
+class EntityCounts:
+    """What an import did to one entity of the directory."""
+
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+
+
+@dataclass
+class Applied:
+    """The outcome of applying one file: counts per entity and the principals it had to create."""
+
+    entities: dict[str, EntityCounts]
+    principals_created: int = 0
+
+
+def _rows(result: sa.CursorResult[Any]) -> int:
+    return int(result.rowcount or 0)
+
+
+class _Sql:
+    """Expressions that depend on the backend."""
+
+    def __init__(self, conn: sa.Connection, now: dt.datetime) -> None:
+        # PostgreSQL refuses a value longer than a VARCHAR(n); SQLite stores it as it is.
+        self.cut = conn.dialect.name != "sqlite"
+        self.now: sa.ColumnElement[Any] = sa.literal(now, sa.DateTime(timezone=True))
+
+    def val(self, source: sa.ColumnElement[Any], target: sa.Column[Any]) -> sa.ColumnElement[Any]:
+        """A staged text value for a target column: empty → NULL, cut to the column's length."""
+        value: sa.ColumnElement[Any] = sa.func.nullif(source, "")
+        length = getattr(target.type, "length", None)
+        if self.cut and length:
+            value = sa.func.substr(value, 1, length)
+        return value
+
+    def text(self, source: sa.ColumnElement[Any], target: sa.Column[Any]) -> sa.ColumnElement[Any]:
+        """A value computed by the parser (never empty, maybe NULL), cut to the column's length."""
+        length = getattr(target.type, "length", None)
+        return sa.func.substr(source, 1, length) if self.cut and length else source
+
+
+def _differs(target: sa.Table, values: Values) -> sa.ColumnElement[bool]:
+    """Any compared column differs (NULL-safe: IS DISTINCT FROM, `IS NOT` on SQLite)."""
+    return sa.or_(*(target.c[name].is_distinct_from(value) for name, value in values.items()
+                    if name != "updated_at"))
+
+
+@contextmanager
+def _bulk_indexes(conn: sa.Connection, table: sa.Table, incoming: sa.FromClause) -> Iterator[int]:
+    """When an insert at least doubles `table` (a first import), drop its secondary indexes for the
+    insert and build them after it: sorting once is several times faster than growing a B-tree row by
+    row in random order.
+
+    On PostgreSQL the foreign keys go too (each one is a trigger per inserted row); adding them back
+    checks every row in one join. SQLite cannot drop a foreign key, and checks it cheaply in-process.
+    """
+    existing = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+    bulk = existing < BULK_MIN_ROWS or conn.execute(
+        sa.select(sa.func.count()).select_from(incoming)).scalar_one() >= existing
+    indexes = [index for index in table.indexes if not index.unique] if bulk else []
+    keys = list(table.foreign_key_constraints) if bulk and conn.dialect.name == "postgresql" else []
+    for key in keys:
+        conn.execute(sa.schema.DropConstraint(key))
+    for index in indexes:
+        conn.execute(sa.schema.DropIndex(index))
+    yield existing
+    for index in indexes:
+        conn.execute(sa.schema.CreateIndex(index))
+    for key in keys:
+        conn.execute(sa.schema.AddConstraint(key))
+
+
+def _update_changed(conn: sa.Connection, target: sa.Table, key: sa.ColumnElement[bool], values: Values,
+                    *where: sa.ColumnElement[bool]) -> int:
+    statement = (sa.update(target).where(key, _differs(target, values), *where)
+                 .values({target.c[name]: value for name, value in values.items()}))
+    return _rows(conn.execute(statement))
+
+
+def _insert_new(conn: sa.Connection, target: sa.Table, target_key: str, staged_key: sa.ColumnElement[Any],
+                columns: Values, from_: sa.FromClause, *where: sa.ColumnElement[bool]) -> int:
+    with _bulk_indexes(conn, target, from_) as existing:
+        select = sa.select(*columns.values()).select_from(from_).where(*where)
+        if existing:  # into an empty table every row is new: no probe
+            select = select.where(~sa.exists().where(target.c[target_key] == staged_key))
+        added = _rows(conn.execute(sa.insert(target).from_select(list(columns), select)))
+    if added >= ANALYZE_AFTER and conn.dialect.name == "postgresql":
+        # Rows inserted in this transaction are invisible to autovacuum: give the planner of the next
+        # statements (which join this table) fresh statistics.
+        conn.exec_driver_sql(f"ANALYZE {conn.dialect.identifier_preparer.format_table(target)}")
+    return added
+
+
+def _reject_kind_conflicts(conn: sa.Connection, staged: sa.Table, key: str, kind: str, report: Report) -> None:
+    """Lines whose national id already names a principal of the other kind cannot be applied."""
+    clash = sa.exists().where(principals.c.national_id == staged.c[key], principals.c.kind != kind)
+    rows = conn.execute(sa.select(staged.c.line_no, staged.c[key]).where(clash).order_by(staged.c.line_no)).all()
+    for line_no, national_id in rows:
+        report.reject(line_no, f"national id {national_id} already belongs to a principal that is not a {kind}")
+    if rows:
+        conn.execute(sa.delete(staged).where(clash))
+
+
+def _principal_name(sql: _Sql, staged: sa.Table, key: str) -> sa.ColumnElement[Any]:
+    return sa.func.coalesce(sql.val(staged.c.display_name, principals.c.display_name), staged.c[key])
+
+
+def _create_principals(conn: sa.Connection, sql: _Sql, staged: sa.Table, key: str, kind: str) -> int:
+    name = _principal_name(sql, staged, key)
+    select = (sa.select(sa.literal(kind), staged.c[key], name, name if kind == ORGANISATION else sa.null(),
+                        sql.text(staged.c.name_norm, principals.c.name_norm), sql.now)
+              .where(~sa.exists().where(principals.c.national_id == staged.c[key])))
+    with _bulk_indexes(conn, principals, staged):
+        return _rows(conn.execute(sa.insert(principals).from_select(
+            ["kind", "national_id", "display_name", "organisation", "name_norm", "created_at"], select)))
+
+
+def _sync_display_names(conn: sa.Connection, sql: _Sql, staged: sa.Table, key: str, kind: str,
+                        existing_up_to: int) -> None:
+    """National names win: a principal's display name (normalised name, organisation name) follows the
+    file. Principals created by this import (ids above `existing_up_to`) already have it."""
+    name = _principal_name(sql, staged, key)
+    norm = sql.text(staged.c.name_norm, principals.c.name_norm)
+    values: dict[Any, Any] = {principals.c.display_name: name, principals.c.name_norm: norm}
+    differs = sa.or_(principals.c.display_name != name, principals.c.name_norm.is_distinct_from(norm))
+    if kind == ORGANISATION:
+        values[principals.c.organisation] = name
+        differs = sa.or_(differs, principals.c.organisation.is_distinct_from(name))
+    conn.execute(sa.update(principals)
+                 .where(principals.c.id <= existing_up_to, principals.c.national_id == staged.c[key],
+                        principals.c.kind == kind, differs)
+                 .values(values))
+
+
+def _delete_removed_skills(conn: sa.Connection, source: str) -> int:
+    s, t = stg_skills, practitioner_skills
+    return _rows(conn.execute(sa.delete(t).where(
+        t.c.source == source, ~sa.exists().where(s.c.source_key == t.c.source_key))))
+
+
+def _upsert_skills(conn: sa.Connection, sql: _Sql, source: str) -> tuple[int, int]:
+    """Update the changed skills of `source` and add the new ones: (changed, added)."""
+    s, t = stg_skills, practitioner_skills
+    values: Values = {f: sql.val(s.c[f], t.c[f]) for f in SKILL_FIELDS}
+    values["code"] = sa.func.coalesce(values["code"], "")
+    values["label_norm"] = sql.text(s.c.label_norm, t.c.label_norm)
+    changed = _update_changed(conn, t, t.c.source_key == s.c.source_key, values)
+    columns: Values = {"practitioner_id": practitioners.c.principal_id, "source_key": s.c.source_key,
+                       "source": sa.literal(source), "kind": s.c.kind, **values}
+    added = _insert_new(conn, t, "source_key", s.c.source_key, columns,
+                        s.join(practitioners, practitioners.c.national_id == s.c.national_id))
+    return changed, added
+
+
+def _sync_skills(conn: sa.Connection, sql: _Sql, source: str) -> EntityCounts:
+    removed = _delete_removed_skills(conn, source)
+    changed, added = _upsert_skills(conn, sql, source)
+    return EntityCounts(added, changed, removed)
+
+
+def apply_activity(conn: sa.Connection, report: Report, now: dt.datetime, *, with_skills: bool) -> Applied:
+    """PS_LibreAcces_Personne_activite: the file is the whole list of practitioners, sites and activities.
+
+    What left the file goes first (children before parents), so that on a first import the removals
+    run on empty tables; then principals, practitioners, sites, activities and skills are updated and
+    added.
+    """
+    sql = _Sql(conn, now)
+    sp, so, sa_ = stg_practitioners, stg_organisations, stg_activities
+    p, o, a, k = practitioners, organisations, activities, practitioner_skills
+    _reject_kind_conflicts(conn, sp, "national_id", PERSON, report)
+    _reject_kind_conflicts(conn, so, "structure_id", ORGANISATION, report)
+    entities = {name: EntityCounts() for name in ("practitioners", "organisations", "activities")}
+    if with_skills:
+        entities["skills"] = EntityCounts()
+
+    entities["activities"].removed = _rows(conn.execute(sa.delete(a).where(
+        ~sa.exists().where(sa_.c.source_key == a.c.source_key))))
+    if with_skills:
+        entities["skills"].removed = _delete_removed_skills(conn, "activity")
+    gone = ~sa.exists().where(sp.c.national_id == p.c.national_id)
+    gone_ids = sa.select(p.c.principal_id).where(gone)
+    conn.execute(sa.delete(k).where(k.c.practitioner_id.in_(gone_ids)))
+    conn.execute(sa.delete(a).where(a.c.practitioner_id.in_(gone_ids)))
+    entities["practitioners"].removed = _rows(conn.execute(sa.delete(p).where(gone)))
+    gone = ~sa.exists().where(so.c.structure_id == o.c.structure_id)
+    conn.execute(sa.update(a).where(a.c.organisation_id.in_(sa.select(o.c.id).where(gone)))
+                 .values(organisation_id=None))
+    entities["organisations"].removed = _rows(conn.execute(sa.delete(o).where(gone)))
+
+    existing_up_to = conn.execute(sa.select(sa.func.coalesce(sa.func.max(principals.c.id), 0))).scalar_one()
+    _sync_display_names(conn, sql, sp, "national_id", PERSON, existing_up_to)
+    _sync_display_names(conn, sql, so, "structure_id", ORGANISATION, existing_up_to)
+    created = _create_principals(conn, sql, sp, "national_id", PERSON)
+    created += _create_principals(conn, sql, so, "structure_id", ORGANISATION)
+
+    pv: Values = {f: sql.val(sp.c[f], p.c[f]) for f in PRACTITIONER_FIELDS}
+    pv["id_type"], pv["identifier"] = sp.c.id_type, sp.c.identifier
+    pv["last_name"] = sa.func.coalesce(pv["last_name"], "")
+    for name in ("name_norm", "given_name_norm", "profession_norm"):
+        pv[name] = sql.text(sp.c[name], p.c[name])
+    pv["updated_at"] = sql.now
+    entities["practitioners"].changed = _update_changed(conn, p, p.c.national_id == sp.c.national_id, pv)
+    person = sp.join(principals, sa.and_(principals.c.national_id == sp.c.national_id,
+                                         principals.c.kind == PERSON))
+    entities["practitioners"].added = _insert_new(
+        conn, p, "national_id", sp.c.national_id,
+        {"principal_id": principals.c.id, "national_id": sp.c.national_id, **pv}, person)
+
+    ov: Values = {f: sql.val(so.c[f], o.c[f]) for f in ORGANISATION_FIELDS}
+    for name in ("name_norm", "city_norm", "address"):
+        ov[name] = sql.text(so.c[name], o.c[name])
+    ov["updated_at"] = sql.now
+    entities["organisations"].changed = _update_changed(conn, o, o.c.structure_id == so.c.structure_id, ov)
+    structure = so.join(principals, sa.and_(principals.c.national_id == so.c.structure_id,
+                                            principals.c.kind == ORGANISATION))
+    entities["organisations"].added = _insert_new(
+        conn, o, "structure_id", so.c.structure_id,
+        {"principal_id": principals.c.id, "structure_id": so.c.structure_id, **ov}, structure)
+
+    av: Values = {f: sql.val(sa_.c[f], a.c[f]) for f in ACTIVITY_FIELDS}
+    av["updated_at"] = sql.now
+    entities["activities"].changed = _update_changed(conn, a, a.c.source_key == sa_.c.source_key, av)
+    entities["activities"].added = _insert_new(
+        conn, a, "source_key", sa_.c.source_key,
+        {"practitioner_id": p.c.principal_id, "organisation_id": o.c.id, "source_key": sa_.c.source_key, **av},
+        sa_.join(p, p.c.national_id == sa_.c.national_id).outerjoin(o, o.c.structure_id == sa_.c.structure_id))
+
+    if with_skills:
+        changed, added = _upsert_skills(conn, sql, "activity")
+        entities["skills"].changed, entities["skills"].added = changed, added
+    return Applied(entities, created)
+
+
+def apply_skills(conn: sa.Connection, report: Report, now: dt.datetime, source: str) -> Applied:
+    """PS_LibreAcces_SavoirFaire / PS_LibreAcces_Dipl_AutExerc: the skills of known practitioners.
+
+    Lines about a person absent from the directory are counted as warnings and skipped: practitioners
+    come from PS_LibreAcces_Personne_activite, which is imported first.
+    """
+    s = stg_skills
+    unknown = ~sa.exists().where(practitioners.c.national_id == s.c.national_id)
+    rows = conn.execute(sa.select(s.c.line_no, s.c.national_id).distinct().where(unknown)
+                        .order_by(s.c.line_no)).all()
+    for line_no, national_id in rows:
+        report.warn(line_no, f"practitioner {national_id} is not in the directory (import "
+                             "PS_LibreAcces_Personne_activite first): line skipped")
+    if rows:
+        conn.execute(sa.delete(s).where(unknown))
+    return Applied({"skills": _sync_skills(conn, _Sql(conn, now), source)})
+
+
+def apply_mailboxes(conn: sa.Connection, report: Report, now: dt.datetime) -> Applied:
+    """Extraction_Correspondance_MSSante: the national mailboxes (source "national").
+
+    The address and type of a mailbox never change (REFERENCE.md §1), nor does its holder: a line that
+    would change them is rejected and the mailbox stays as it is. A line for a local mailbox is skipped
+    with a warning. A national mailbox that left the file is deactivated (counted as removed) and
+    reactivated if it comes back (counted as added).
+    """
+    sql = _Sql(conn, now)
+    s, m = stg_mailboxes, mailboxes
+    pending = s.c.status.is_(None)
+
+    # Owners: create the principals that do not exist yet, then refuse lines whose owner is of another kind.
+    name = sa.func.coalesce(sql.val(s.c.owner_name, principals.c.display_name), s.c.owner_national_id)
+    owners = (sa.select(sa.func.min(s.c.owner_kind), s.c.owner_national_id, sa.func.min(name),
+                        sa.func.min(sql.text(s.c.owner_name_norm, principals.c.name_norm)), sql.now)
+              .where(~sa.exists().where(principals.c.national_id == s.c.owner_national_id))
+              .group_by(s.c.owner_national_id))
+    created = _rows(conn.execute(sa.insert(principals).from_select(
+        ["kind", "national_id", "display_name", "name_norm", "created_at"], owners)))
+    conn.execute(sa.update(principals)
+                 .where(principals.c.name_norm.is_(None), principals.c.national_id == s.c.owner_national_id,
+                        s.c.owner_name_norm.is_not(None))
+                 .values(name_norm=sql.text(s.c.owner_name_norm, principals.c.name_norm)))
+    conn.execute(
+        sa.update(principals)
+        .where(principals.c.kind == ORGANISATION, principals.c.organisation.is_(None),
+               principals.c.national_id.in_(sa.select(s.c.owner_national_id).where(s.c.owner_kind == ORGANISATION)))
+        .values(organisation=principals.c.display_name))
+
+    def mark(status: str, condition: sa.ColumnElement[bool]) -> None:
+        conn.execute(sa.update(s).where(pending, condition).values(status=status))
+
+    clash = sa.exists().where(principals.c.national_id == s.c.owner_national_id, principals.c.kind != s.c.owner_kind)
+    for line_no, address, owner in conn.execute(
+            sa.select(s.c.line_no, s.c.address, s.c.owner_national_id).where(pending, clash)):
+        report.reject(line_no, f"mailbox {address}: national id {owner} belongs to a principal of another kind")
+    mark("rejected", clash)
+
+    local = sa.exists().where(m.c.address == s.c.address, m.c.source != NATIONAL)
+    for line_no, address in conn.execute(sa.select(s.c.line_no, s.c.address).where(pending, local)):
+        report.warn(line_no, f"mailbox {address} is managed locally: the national line is not applied")
+    mark("local", local)
+
+    existing = s.join(m, sa.and_(m.c.address == s.c.address, m.c.source == NATIONAL))
+    for line_no, address, old, new in conn.execute(
+            sa.select(s.c.line_no, s.c.address, m.c.mailbox_type, s.c.mailbox_type).select_from(existing)
+            .where(pending, m.c.mailbox_type != s.c.mailbox_type)):
+        report.reject(line_no, f"mailbox {address}: its type cannot change ({old} → {new})")
+    mark("rejected", sa.exists().where(m.c.address == s.c.address, m.c.source == NATIONAL,
+                                       m.c.mailbox_type != s.c.mailbox_type))
+
+    holder = existing.join(principals, principals.c.id == m.c.owner_id)
+    for line_no, address, old, new in conn.execute(
+            sa.select(s.c.line_no, s.c.address, principals.c.national_id, s.c.owner_national_id)
+            .select_from(holder).where(pending, principals.c.national_id != s.c.owner_national_id)):
+        report.reject(line_no, f"mailbox {address}: its holder cannot change ({old} → {new})")
+    mark("rejected", sa.exists().where(
+        m.c.address == s.c.address, m.c.source == NATIONAL, principals.c.id == m.c.owner_id,
+        principals.c.national_id != s.c.owner_national_id))
+
+    counts = EntityCounts()
+    counts.removed = _rows(conn.execute(
+        sa.update(m).where(m.c.source == NATIONAL, m.c.active.is_(True),
+                           ~sa.exists().where(s.c.address == m.c.address))
+        .values(active=False, updated_at=sql.now)))
+    values: Values = {
+        "service": sql.val(s.c.service, m.c.service),
+        "structure_id": sql.val(s.c.structure_id, m.c.structure_id),
+        "dematerialisation": sa.case((s.c.dematerialisation == 1, sa.true()),
+                                     (s.c.dematerialisation == 0, sa.false()), else_=sa.null()),
+        "hosted": sa.case((s.c.hosted == 1, sa.true()), else_=sa.false()),
+        "updated_at": sql.now,
+    }
+    reactivated = _rows(conn.execute(
+        sa.update(m).where(m.c.address == s.c.address, m.c.source == NATIONAL, m.c.active.is_(False), pending)
+        .values({m.c[k]: v for k, v in {**values, "active": sa.true()}.items()})))
+    counts.changed = _update_changed(conn, m, m.c.address == s.c.address, values,
+                                     m.c.source == NATIONAL, m.c.active.is_(True), pending)
+    columns: Values = {
+        "address": s.c.address, "mailbox_type": s.c.mailbox_type, "owner_id": principals.c.id,
+        "source": sa.literal(NATIONAL), "liste_rouge": sa.false(), "preference": sa.literal(0),
+        "active": sa.true(), "created_at": sql.now, **values,
+    }
+    counts.added = reactivated + _insert_new(
+        conn, m, "address", s.c.address, columns,
+        s.join(principals, principals.c.national_id == s.c.owner_national_id), pending)
+    return Applied({"mailboxes": counts}, created)
