@@ -27,10 +27,10 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caducee import database  # noqa: E402
-from directory.identifiers import luhn_complete  # noqa: E402
-from directory.importers import ImportSummary, import_file  # noqa: E402
-from mailserver.db import make_engine  # noqa: E402
+from caducee import database
+from directory.identifiers import luhn_complete
+from directory.importers import ImportSummary, import_file
+from mailserver.db import make_engine
 
 HEADER = (
     "Type d'identifiant PP|Identifiant PP|Identification nationale PP|Code civilité d'exercice|"

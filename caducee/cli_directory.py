@@ -77,8 +77,7 @@ def _print_summary(summary: Any, out: TextIO) -> None:
     out.write(f"  {_plural(summary.lines, 'line')} read: {summary.added:,} added, {summary.changed:,} changed, "
               f"{summary.removed:,} removed, {summary.rejected:,} rejected, {_plural(summary.warnings, 'warning')} "
               f"({summary.elapsed:.1f} s)\n")
-    for name, c in summary.entities.items():
-        out.write(f"    {name:<14} +{c.added:<8,} ~{c.changed:<8,} -{c.removed:,}\n")
+    out.writelines(f"    {name:<14} +{c.added:<8,} ~{c.changed:<8,} -{c.removed:,}\n" for name, c in summary.entities.items())
     if summary.principals_created:
         out.write(f"    {_plural(summary.principals_created, 'principal')} created\n")
     for title, total, issues in (("rejected", summary.rejected, summary.errors),
@@ -86,8 +85,7 @@ def _print_summary(summary: Any, out: TextIO) -> None:
         if total:
             shown = f"first {len(issues)} of {total:,}" if len(issues) < total else f"{total:,}"
             out.write(f"  {title} ({shown}):\n")
-            for issue in issues:
-                out.write(f"    line {issue.line}: {issue.message}\n")
+            out.writelines(f"    line {issue.line}: {issue.message}\n" for issue in issues)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -119,11 +117,12 @@ def cmd_import(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     engine = make_engine(cfg.database_url)
     try:
-        for path, kind in ordered:
-            if isinstance(kind, DirectoryImportError):
+        for path, detected in ordered:
+            if isinstance(detected, DirectoryImportError):
                 failed += 1
-                print(f"caducee directory import: {path}: {kind.reason}", file=sys.stderr)
+                print(f"caducee directory import: {path}: {detected.reason}", file=sys.stderr)
                 continue
+            kind = detected
             print(f"{path}: {kind.value} ({kind.description})", flush=True)
             progress: Callable[[Any], None] | None = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
             try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 
-def NormText(length: int) -> sa.types.TypeEngine[str]:  # noqa: N802 - reads as a type in table definitions
+def NormText(length: int) -> sa.types.TypeEngine[str]:
     """A normalised search column: byte-wise order on every backend, so that prefix ranges use indexes."""
     return sa.String(length).with_variant(sa.String(length, collation="C"), "postgresql")
 

@@ -106,8 +106,8 @@ def practitioner_from_row(row: sa.Row[Any]) -> Practitioner:
     )
 
 
-def organisation_from_row(row: sa.Row[Any]) -> Organisation:
-    """An `Organisation` from a row holding the columns of `organisations`."""
+def organisation_from_row(row: Any) -> Organisation:
+    """An `Organisation` from a row (or any object) with the attributes of the `organisations` columns."""
     return Organisation(
         id=row.id, principal_id=row.principal_id, structure_id=row.structure_id, name=row.name,
         trade_name=row.trade_name, technical_id=row.technical_id, finess=row.finess,
@@ -139,7 +139,7 @@ def skill_from_row(row: sa.Row[Any]) -> Skill:
 def _certificate(row: sa.Row[Any]) -> Certificate:
     not_after = row.not_after
     if not_after.tzinfo is None:  # SQLite returns naive datetimes; they are stored in UTC
-        not_after = not_after.replace(tzinfo=dt.timezone.utc)
+        not_after = not_after.replace(tzinfo=dt.UTC)
     return Certificate(
         id=row.id, principal_id=row.principal_id, mailbox_id=row.mailbox_id, usage=CertificateUsage(row.usage),
         serial=row.serial, issuer_dn=row.issuer_dn, subject_dn=row.subject_dn, not_after=not_after,
@@ -257,7 +257,7 @@ class DirectoryStore:
                     display_name=display_name,
                     organisation=organisation,
                     name_norm=normalise(display_name)[:400] or None,
-                    created_at=dt.datetime.now(dt.timezone.utc),
+                    created_at=dt.datetime.now(dt.UTC),
                 )
             ).inserted_primary_key[0]  # type: ignore[index]
         return Principal(pid, kind, national_id, display_name, organisation)
@@ -283,7 +283,7 @@ class DirectoryStore:
             if existing.mailbox_type is not mailbox_type or existing.owner_id != owner.id:
                 raise ValueError(f"mailbox {address} already exists with another type or owner")
             return existing
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         with self.engine.begin() as conn:
             mid = conn.execute(
                 sa.insert(mailboxes).values(
@@ -324,7 +324,7 @@ class DirectoryStore:
         with self.engine.begin() as conn:
             if changes:
                 conn.execute(sa.update(mailboxes).where(mailboxes.c.address == address).values(
-                    **changes, updated_at=dt.datetime.now(dt.timezone.utc)))
+                    **changes, updated_at=dt.datetime.now(dt.UTC)))
             row = conn.execute(sa.select(mailboxes).where(mailboxes.c.address == address)).first()
         if row is None:
             raise LookupError(f"no mailbox {address}")
@@ -359,7 +359,7 @@ class DirectoryStore:
                              f"not to {principal.kind.value} {principal.national_id}")
         fingerprint = hashlib.sha256(der).hexdigest()
         not_after = cert.not_valid_after_utc
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         with self.engine.begin() as conn:
             if mailbox is not None:
                 allowed = conn.execute(sa.select(sa.literal(1)).where(sa.or_(
@@ -391,7 +391,7 @@ class DirectoryStore:
             query = query.where(certificates.c.usage == usage.value)
         if valid_only:
             query = query.where(certificates.c.status == CertificateStatus.VALID.value,
-                                certificates.c.not_after > dt.datetime.now(dt.timezone.utc))
+                                certificates.c.not_after > dt.datetime.now(dt.UTC))
         with self.engine.connect() as conn:
             return [_certificate(r) for r in conn.execute(
                 query.order_by(certificates.c.not_after.desc(), certificates.c.id))]

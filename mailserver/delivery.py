@@ -97,7 +97,8 @@ def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: in
             continue  # arrived after the preparation: next round
         mailbox = conn.execute(
             sa.select(mailboxes.c.id, mailboxes.c.address).where(
-                mailboxes.c.address == row.rcpt.lower(), mailboxes.c.active.is_(True)
+                mailboxes.c.address == row.rcpt.lower(), mailboxes.c.active.is_(True),
+                mailboxes.c.hosted.is_(True),  # the national file lists other operators' mailboxes too
             )
         ).first()
         if mailbox is None:

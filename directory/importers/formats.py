@@ -10,9 +10,9 @@ civilité exercice" or "Libellé civilité d'exercice"…), so a column is found
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 from directory.importers.text import header_key
 
@@ -228,7 +228,7 @@ def parse_header(line: str, kind: FileKind | None = None) -> Header:
     elif guessed is not kind:
         raise FormatError(f"the header is not a {kind.value} header"
                           + (f" (it looks like {guessed.value})" if guessed else ""))
-    position = {}
+    position: dict[str, int] = {}
     for i, key in enumerate(keys):
         position.setdefault(key, i)
     index: dict[str, int] = {}

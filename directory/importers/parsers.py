@@ -79,6 +79,13 @@ class Report:
         if len(self.warning_samples) < MAX_SAMPLES:
             self.warning_samples.append(Issue(line, message))
 
+    def merge(self, other: Report) -> None:
+        """Add the counts and the first issues of a report about other lines of the same file."""
+        self.rejected += other.rejected
+        self.warnings += other.warnings
+        self.errors = sorted(self.errors + other.errors, key=lambda i: i.line)[:MAX_SAMPLES]
+        self.warning_samples = sorted(self.warning_samples + other.warning_samples, key=lambda i: i.line)[:MAX_SAMPLES]
+
 
 def structure_national_id(type_code: str, value: str) -> str:
     """The structure national id (prefix + id, REFERENCE.md §3) from a type code and an identifier that

@@ -2,18 +2,26 @@
 
 1. The header tells the file kind and where each column is (`formats.parse_header`); a file whose header
    is unknown, undecodable or lacks a needed column is refused before anything is written.
-2. Lines are read one at a time (constant memory), as bytes: a BOM is tolerated, an undecodable line or
-   a line with the wrong number of fields is rejected with its number; each good line becomes staging
-   rows (`parsers`), written in batches to temporary tables (`staging`). Nothing in the directory changes.
-3. If enough lines are usable, the difference is applied in ONE transaction (`apply`): it either commits
-   whole or changes nothing. The transaction starts with a write (the `directory_imports` row), so that on
-   SQLite it holds the write lock from its first statement and never has to upgrade a read snapshot.
+2. Lines are read one at a time (memory stays bounded whatever the file size), as bytes: a BOM is
+   tolerated, an undecodable line or a line with the wrong number of fields is rejected with its number;
+   each good line becomes staging rows (`parsers`), written in batches of a few thousand to temporary
+   tables (`staging`). A large file is read on two cores (`parallel`). Nothing in the directory changes,
+   and on SQLite no write lock is taken: the mail server keeps writing meanwhile.
+3. If enough lines are usable, the difference is found by a read-only pass over the directory (`plan_*`)
+   and applied in ONE transaction (`apply_*`): it either commits whole or changes nothing. The transaction
+   starts with a write (the `directory_imports` row), so that on SQLite it holds the write lock from its
+   first statement and never has to upgrade a read snapshot; it then checks that no other import was
+   applied since the plan. The mail server's writes wait for it (SQLite allows one writer; the server
+   waits up to 30 s): a re-import of the whole France file, which changes little, writes in seconds, but
+   a first import writes everything (about a minute for 2 million lines on two cores): make the first
+   import before opening the service, or use PostgreSQL, where readers and writers never wait for it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +29,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from directory.importers import apply, staging
+from directory.importers import apply, parallel, staging
 from directory.importers.apply import EntityCounts
 from directory.importers.formats import FileKind, FormatError, Header, parse_header
 from directory.importers.parsers import (
@@ -52,7 +60,8 @@ class DirectoryImportError(Exception):
 
 @dataclass(frozen=True)
 class ImportProgress:
-    """Where an import stands: `phase` is "reading", then "indexing", "applying" and "done"."""
+    """Where an import stands: `phase` is "reading", "merging" (a large file read on two cores),
+    "indexing", "planning" (finding the difference), "applying" (writing it), then "done"."""
 
     phase: str
     bytes_done: int
@@ -142,7 +151,8 @@ def import_order(paths: Iterable[Path]) -> list[tuple[Path, FileKind | Directory
     return sorted(detected, key=lambda item: -1 if isinstance(item[1], DirectoryImportError) else item[1].order)
 
 
-def _tables(kind: FileKind) -> Sequence[sa.Table]:
+def staging_tables(kind: FileKind) -> Sequence[sa.Table]:
+    """The staging tables a file kind fills."""
     if kind is FileKind.ACTIVITY:
         return (staging.stg_practitioners, staging.stg_organisations, staging.stg_activities, staging.stg_skills)
     if kind is FileKind.MSSANTE:
@@ -150,8 +160,9 @@ def _tables(kind: FileKind) -> Sequence[sa.Table]:
     return (staging.stg_skills,)
 
 
-def _parser(header: Header, report: Report, loaders: dict[str, staging.BulkLoader],
-            local_domains: frozenset[str]) -> Parser:
+def make_parser(header: Header, report: Report, loaders: dict[str, staging.BulkLoader],
+                local_domains: frozenset[str]) -> Parser:
+    """The parser of a file kind, writing to `loaders` (one per staging table)."""
     if header.kind is FileKind.ACTIVITY:
         return ActivityParser(header, report, loaders)
     if header.kind is FileKind.MSSANTE:
@@ -169,6 +180,7 @@ def import_file(
     on_applied: AppliedHook | None = None,
     max_rejected_ratio: float = DEFAULT_MAX_REJECTED_RATIO,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    parallel_parse: bool | None = None,
 ) -> ImportSummary:
     """Import one national file into the directory at `engine` and return what it did.
 
@@ -179,16 +191,16 @@ def import_file(
     refused, and nothing changes, when no line is usable or when more than `max_rejected_ratio` of the
     lines are rejected (the wrong file, most likely): applying it would remove most of the directory.
 
+    A file of more than `parallel.PARALLEL_MIN_BYTES` is parsed on two cores when there are two
+    (`parallel_parse` None); True forces it whatever the size, False keeps it in this process.
+
     Raises `DirectoryImportError` when the file cannot be imported at all; database errors propagate
     (the transaction is rolled back).
     """
     started = time.monotonic()
     path = Path(path)
-    try:
-        total = os.path.getsize(path)
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise DirectoryImportError(path, f"cannot read the file: {exc.strerror or exc}") from None
+    header = read_header(path, kind)
+    total = os.path.getsize(path)
     domains = frozenset(d.strip().lower() for d in local_domains if d.strip())
     report = Report()
 
@@ -196,22 +208,46 @@ def import_file(
         if progress is not None:
             progress(ImportProgress(phase, done, total, lines, time.monotonic() - started))
 
-    with fh:
+    with open(path, "rb") as fh:
         first = fh.readline()
-        header = _parse_header(path, first, kind)
+        header_text = (first[3:] if first.startswith(b"\xef\xbb\xbf") else first).decode("utf-8")
         summary = ImportSummary(path=path, kind=header.kind, ignored_columns=header.ignored)
-        tables = _tables(header.kind)
-        with engine.connect() as conn:
+        tables = staging_tables(header.kind)
+        half = None if parallel_parse is False else parallel.second_half(
+            path, len(first), total, force=bool(parallel_parse))
+        with engine.connect() as conn, tempfile.TemporaryDirectory(prefix="caducee-import-") as scratch_dir:
             _tune_connection(conn)
+            scratch = Path(scratch_dir) / "part.db"
+            worker = None
             try:
+                if half is not None:
+                    worker = parallel.start_worker(path, half, header.kind, header_text, domains, scratch,
+                                                   batch_size)
+
+                def tell_reading(phase: str, done: int, lines: int) -> None:
+                    tell(phase, done + (worker[2].value if worker is not None else 0), lines)
+
                 with conn.begin():
                     _tune_transaction(conn)
                     staging.create(conn, tables)
                     loaders = {t.name: staging.BulkLoader(conn, t, batch_size) for t in tables}
-                    parser = _parser(header, report, loaders, domains)
-                    summary.lines, done = _read(fh, header.width, parser, report, len(first), tell)
+                    parser = make_parser(header, report, loaders, domains)
+                    summary.lines, done = read_lines(fh, header.width, parser, report, len(first), tell_reading,
+                                                     end=half.start if half else None)
                     parser.finish()
-                    tell("indexing", done, summary.lines)
+                if worker is not None:
+                    process, receiver, worker_done = worker
+                    part = parallel.wait(process, receiver,
+                                         lambda: tell("reading", done + worker_done.value, summary.lines))
+                    worker = None
+                    summary.lines += part.lines
+                    report.merge(part.report)
+                    done = total
+                    tell("merging", done, summary.lines)
+                    parallel.merge_into(conn, scratch, tables, batch_size)
+                tell("indexing", done, summary.lines)
+                with conn.begin():
+                    _tune_transaction(conn)
                     for table in tables:
                         staging.index(conn, table)
                     if header.kind is FileKind.MSSANTE:
@@ -220,15 +256,19 @@ def import_file(
                     for table in tables:
                         staging.dedupe(conn, table)
                         staging.analyze(conn, table)
-                _check_usable(path, summary.lines, report, max_rejected_ratio)
+                    _check_usable(path, summary.lines, report, max_rejected_ratio)
+                    tell("planning", done, summary.lines)
+                    plan = _plan(conn, header, report)
                 tell("applying", done, summary.lines)
                 with conn.begin():
                     _tune_transaction(conn)
-                    _apply(conn, header, report, summary, started, on_applied)
+                    _apply(conn, header, report, summary, started, on_applied, plan)
             except BaseException:
-                _discard_staging(conn, tables)
+                if worker is not None:
+                    parallel.stop(worker[0])
+                _discard_staging(conn, (*tables, staging.stg_gone))
                 raise
-            _discard_staging(conn, tables)
+            _discard_staging(conn, (*tables, staging.stg_gone))
     summary.rejected, summary.warnings = report.rejected, report.warnings
     summary.errors = sorted(report.errors, key=lambda i: i.line)
     summary.warning_samples = sorted(report.warning_samples, key=lambda i: i.line)
@@ -247,6 +287,7 @@ def _tune_connection(conn: sa.Connection) -> None:
         # On the driver's connection, outside any transaction (where "synchronous" cannot change).
         driver.execute("PRAGMA temp.cache_size = -262144")  # KiB: 256 MiB at most
         driver.execute("PRAGMA main.cache_size = -524288")  # 512 MiB at most
+        driver.execute(f"PRAGMA threads = {parallel.cores()}")  # sorts (index builds) on every core
         # WAL + NORMAL: the import commits atomically and consistently, without waiting for an fsync of
         # the whole write-ahead log (a power cut right after it may lose the import, never half of it).
         driver.execute("PRAGMA synchronous = NORMAL")
@@ -275,11 +316,14 @@ def _discard_staging(conn: sa.Connection, tables: Sequence[sa.Table]) -> None:
         conn.invalidate()
 
 
-def _read(fh: Iterable[bytes], width: int, parser: Parser, report: Report, done: int,
-          tell: Callable[[str, int, int], None]) -> tuple[int, int]:
-    """Feed every data line to `parser`; return (data lines read, bytes read)."""
+def read_lines(fh: Iterable[bytes], width: int, parser: Parser, report: Report, done: int,
+               tell: Callable[[str, int, int], None], *, first_line: int = 2,
+               end: int | None = None) -> tuple[int, int]:
+    """Feed every data line to `parser`, from the current position of `fh` (whose offset is `done`)
+    to the offset `end` (a line start) or the end of the file; `first_line` is the number of the
+    first line read. Returns (data lines read, offset reached)."""
     lines = 0
-    line_no = 1
+    line_no = first_line - 1
     feed = parser.feed
     for raw in fh:
         line_no += 1
@@ -293,20 +337,22 @@ def _read(fh: Iterable[bytes], width: int, parser: Parser, report: Report, done:
         except UnicodeDecodeError as exc:
             lines += 1
             report.reject(line_no, f"not valid UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})")
-            continue
-        text = text.rstrip("\r\n")
-        if not text or text.isspace():
-            continue
-        lines += 1
-        parts = text.split("|")
-        count = len(parts)
-        if count == width:
-            parts.append("")  # no trailing `|`: add the empty field that absent columns read
-        elif count != width + 1 or parts[-1]:
-            found = count - 1 if text.endswith("|") else count
-            report.reject(line_no, f"{found} fields instead of {width}")
-            continue
-        feed(line_no, parts)
+        else:
+            text = text.rstrip("\r\n")
+            if text and not text.isspace():
+                lines += 1
+                parts = text.split("|")
+                count = len(parts)
+                if count == width:
+                    parts.append("")  # no trailing `|`: add the empty field that absent columns read
+                    feed(line_no, parts)
+                elif count == width + 1 and not parts[-1]:
+                    feed(line_no, parts)
+                else:
+                    found = count - 1 if text.endswith("|") else count
+                    report.reject(line_no, f"{found} fields instead of {width}")
+        if end is not None and done >= end:
+            break
     return lines, done
 
 
@@ -320,29 +366,47 @@ def _check_usable(path: Path, lines: int, report: Report, max_rejected_ratio: fl
                   f"nothing imported; first: line {report.errors[0].line}: {report.errors[0].message}")
 
 
+def _source(kind: FileKind) -> str:
+    return "savoir_faire" if kind is FileKind.SAVOIR_FAIRE else "diploma"
+
+
+def _plan(conn: sa.Connection, header: Header, report: Report) -> apply.Plan:
+    """Find the difference (read-only over the directory)."""
+    now = dt.datetime.now(dt.UTC)
+    if header.kind is FileKind.ACTIVITY:
+        return apply.plan_activity(conn, now, with_skills=header.has("sf_code"))
+    if header.kind is FileKind.MSSANTE:
+        return apply.Plan(apply.last_import_id(conn))  # compared and written in the write transaction
+    return apply.plan_skills(conn, report, now, _source(header.kind))
+
+
 def _apply(conn: sa.Connection, header: Header, report: Report, summary: ImportSummary, started: float,
-           on_applied: AppliedHook | None) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+           on_applied: AppliedHook | None, plan: apply.Plan) -> None:
+    now = dt.datetime.now(dt.UTC)
     conn.execution_options(preserve_rowcount=True)  # counts of INSERT … SELECT (kept on every backend)
     if conn.dialect.name == "postgresql":
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_IMPORT_LOCK)))
     import_id = conn.execute(sa.insert(directory_imports).values(
         kind=header.kind.value, file_name=summary.path.name[:255], started_at=now, lines=summary.lines,
     )).inserted_primary_key[0]  # type: ignore[index]
+    meanwhile = conn.execute(sa.select(sa.func.count()).select_from(directory_imports).where(
+        directory_imports.c.id > plan.after_import, directory_imports.c.id != import_id)).scalar_one()
+    if meanwhile:
+        raise DirectoryImportError(summary.path, "another import was applied while this one was being prepared; "
+                                                 "nothing imported: run it again")
     if header.kind is FileKind.ACTIVITY:
-        applied = apply.apply_activity(conn, report, now, with_skills=header.has("sf_code"))
+        applied = apply.apply_activity(conn, plan, report, now, with_skills=header.has("sf_code"))
     elif header.kind is FileKind.MSSANTE:
         applied = apply.apply_mailboxes(conn, report, now)
     else:
-        applied = apply.apply_skills(conn, report, now, "savoir_faire" if header.kind is FileKind.SAVOIR_FAIRE
-                                     else "diploma")
+        applied = apply.apply_skills(conn, plan, now, _source(header.kind))
     summary.entities = applied.entities
     summary.principals_created = applied.principals_created
     summary.rejected, summary.warnings = report.rejected, report.warnings
     summary.import_id = int(import_id)
     summary.elapsed = time.monotonic() - started
     conn.execute(sa.update(directory_imports).where(directory_imports.c.id == import_id).values(
-        finished_at=dt.datetime.now(dt.timezone.utc), added=summary.added, changed=summary.changed,
+        finished_at=dt.datetime.now(dt.UTC), added=summary.added, changed=summary.changed,
         removed=summary.removed, rejected=summary.rejected, warnings=summary.warnings,
     ))
     if on_applied is not None:

@@ -1,9 +1,11 @@
 """Temporary staging tables an import loads before it applies the difference to the directory.
 
 Each import streams its file into per-connection temporary tables (SQLAlchemy Core executemany on
-SQLite, COPY on PostgreSQL with psycopg), in batches of a few thousand rows, with no constraint; then it indexes them and keeps
-the first line of each natural key (`dedupe`). The directory itself is only touched afterwards, in one
-transaction of set-based INSERT/UPDATE/DELETE statements (`directory.importers.apply`).
+SQLite, COPY on PostgreSQL with psycopg), in batches of a few thousand rows, with no constraint; then
+it indexes them and keeps the first line of each natural key (`dedupe`). The plan of the difference is
+written into them too (`action` of each staged row, `stg_gone` for what left the file); the directory
+itself is only touched afterwards, in one transaction of set-based INSERT/UPDATE/DELETE statements
+(`directory.importers.apply`).
 
 The staging tables live in their own `MetaData`, never in the shared one that Alembic compares.
 """
@@ -16,11 +18,16 @@ from typing import Any
 import sqlalchemy as sa
 
 staging_metadata = sa.MetaData()
+PLAN_COLUMN = "action"
+ADD, CHANGE = "add", "change"
 
 
-def _table(name: str, key: str, *columns: str, ints: Sequence[str] = ()) -> sa.Table:
-    cols = [sa.Column("line_no", sa.Integer, nullable=False), sa.Column(key, sa.Text, nullable=False)]
+def _table(name: str, key: str, *columns: str, ints: Sequence[str] = (), planned: bool = True) -> sa.Table:
+    cols: list[sa.Column[Any]] = [sa.Column("line_no", sa.Integer, nullable=False),
+                                  sa.Column(key, sa.Text, nullable=False)]
     cols += [sa.Column(c, sa.Integer if c in ints else sa.Text) for c in columns]
+    if planned:  # set by the plan, never loaded: "add", "change", or NULL (unchanged)
+        cols.append(sa.Column(PLAN_COLUMN, sa.Text))
     table = sa.Table(name, staging_metadata, *cols, prefixes=["TEMPORARY"])
     # The natural key with the line number, so that "the first line of a key" is an index lookup.
     # Created by `index` once the rows are loaded (cheaper than maintaining it during the load).
@@ -67,14 +74,25 @@ stg_mailboxes = _table(
     "caducee_stg_mailboxes", "address",
     "mailbox_type", "owner_kind", "owner_national_id", "owner_name", "owner_name_norm", *MAILBOX_FIELDS,
     "dematerialisation", "hosted", "status",
-    ints=("dematerialisation", "hosted"),
+    ints=("dematerialisation", "hosted"), planned=False,
 )
+
+# Ids of the directory rows that left the file, by kind ("practitioner", "organisation", "activity",
+# "skill"): found by the plan, deleted by the apply.
+stg_gone = sa.Table("caducee_stg_gone", staging_metadata,
+                    sa.Column("kind", sa.Text, primary_key=True), sa.Column("id", sa.Integer, primary_key=True),
+                    prefixes=["TEMPORARY"])
 
 # The natural key of each staging table (its second column).
 KEYS: dict[str, str] = {
     t.name: t.columns[1].name
     for t in (stg_practitioners, stg_organisations, stg_activities, stg_skills, stg_mailboxes)
 }
+
+
+def loaded_columns(table: sa.Table) -> list[sa.Column[Any]]:
+    """The columns the parsers fill, in the order of their rows (all but the plan)."""
+    return [c for c in table.columns if c.name != PLAN_COLUMN]
 
 
 def key_of(table: sa.Table) -> sa.Column[Any]:
@@ -106,13 +124,14 @@ class BulkLoader:
         self.append = self.rows.append  # the list is emptied in place: this stays valid
         self.loaded = 0
         preparer = conn.dialect.identifier_preparer
-        names = ", ".join(preparer.quote(c.name) for c in table.columns)
+        self.columns = loaded_columns(table)
+        names = ", ".join(preparer.quote(c.name) for c in self.columns)
         self._copy_sql: str | None = None
         self._insert_sql: str | None = None
         if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
             self._copy_sql = f"COPY {preparer.format_table(table)} ({names}) FROM STDIN"
         elif conn.dialect.paramstyle == "qmark":
-            marks = ", ".join("?" for _ in table.columns)
+            marks = ", ".join("?" for _ in self.columns)
             self._insert_sql = f"INSERT INTO {preparer.format_table(table)} ({names}) VALUES ({marks})"
 
     def flush_if_full(self) -> None:
@@ -127,15 +146,14 @@ class BulkLoader:
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         if self._copy_sql is not None:
-            driver_conn = self.conn.connection.dbapi_connection
-            assert driver_conn is not None
+            driver_conn: Any = self.conn.connection.dbapi_connection  # a psycopg connection
             with driver_conn.cursor() as cursor, cursor.copy(self._copy_sql) as copy:
                 for row in rows:
                     copy.write_row(row)
         elif self._insert_sql is not None:
             self.conn.exec_driver_sql(self._insert_sql, rows)
         else:
-            names = [c.name for c in self.table.columns]
+            names = [c.name for c in self.columns]
             self.conn.execute(sa.insert(self.table), [dict(zip(names, row)) for row in rows])
 
 
@@ -173,4 +191,7 @@ def dedupe(conn: sa.Connection, table: sa.Table) -> int:
 def analyze(conn: sa.Connection, table: sa.Table) -> None:
     """Give the planner statistics: PostgreSQL's autovacuum never analyses temporary tables."""
     if conn.dialect.name == "postgresql":
+        # Row counts and key distinctness are what the joins need: a small sample gives them (this
+        # transaction only).
+        conn.exec_driver_sql("SET LOCAL default_statistics_target = 10")
         conn.exec_driver_sql(f"ANALYZE {conn.dialect.identifier_preparer.format_table(table)}")

@@ -57,14 +57,14 @@ def test_import_applies_files_in_dependency_order_and_summarises(state: Path) ->
     done = caducee("directory", "import", MSSANTE, DIPLOMAS, SAVOIR_FAIRE, ACTIVITY, state=state)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # not a terminal: no progress bar
-    kinds = re.findall(r"^\S+: (\w+) \(", done.stdout, re.M)
+    kinds = re.findall(r"^\S+: (\w+) \(", done.stdout, re.MULTILINE)
     assert kinds == ["PS_LibreAcces_Personne_activite", "PS_LibreAcces_SavoirFaire", "PS_LibreAcces_Dipl_AutExerc",
                      "Extraction_Correspondance_MSSante"]
     assert f"{ACTIVITY}: PS_LibreAcces_Personne_activite (practitioners, organisations and activities)" in done.stdout
-    assert re.search(r"^  6 lines read: 18 added, 0 changed, 0 removed, 0 rejected, 1 warning \(", done.stdout, re.M)
-    assert re.search(r"^    practitioners  \+5 +~0 +-0$", done.stdout, re.M)
+    assert re.search(r"^  6 lines read: 18 added, 0 changed, 0 removed, 0 rejected, 1 warning \(", done.stdout, re.MULTILINE)
+    assert re.search(r"^    practitioners  \+5 +~0 +-0$", done.stdout, re.MULTILINE)
     assert "    line 5: RPPS 10091234560 fails the Luhn check (imported)" in done.stdout
-    assert re.search(r"^  8 lines read: 8 added, 0 changed, 0 removed, 0 rejected, 0 warnings", done.stdout, re.M)
+    assert re.search(r"^  8 lines read: 8 added, 0 changed, 0 removed, 0 rejected, 0 warnings", done.stdout, re.MULTILINE)
 
     again = caducee("directory", "import", ACTIVITY, state=state)
     assert again.returncode == 0

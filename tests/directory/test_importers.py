@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,31 @@ def scenario_mailboxes(url: str, tmp_path: Path) -> None:
         engine.dispose()
 
 
+def scenario_parsed_on_two_cores(url: str, tmp_path: Path) -> None:
+    """The second half of a file read by a worker process gives the same directory, the same line
+    numbers, and finds duplicates across the halves."""
+    header, *rows = lines_of(MSSANTE)
+    bad = [*rows, set_field(header, rows[0], "Type de BAL", "XYZ"), rows[2]]  # lines 10 and 11
+    path = write_lines(tmp_path / "Extraction_Correspondance_MSSante_big.txt", [header, *bad])
+    states = []
+    for parallel in (False, True):
+        engine = engine_for(url if parallel else f"sqlite:///{tmp_path / 'one_core.db'}")
+        try:
+            import_file(engine, ACTIVITY_52, parallel_parse=parallel)
+            summary = import_file(engine, path, local_domains={LOCAL_DOMAIN}, parallel_parse=parallel)
+            store = DirectoryStore(engine)
+            holders = {m.address: store.principal(m.owner_id) for m in store.all_mailboxes(hosted_only=False)}
+            states.append(([(i.line, i.message) for i in summary.errors], counts(summary), summary.lines,
+                           sorted((m.address, m.mailbox_type.value, getattr(holders[m.address], "national_id", None),
+                                   m.hosted) for m in store.all_mailboxes(hosted_only=False))))
+        finally:
+            engine.dispose()
+    assert states[0] == states[1]
+    assert states[1][0] == [(10, "unknown Type de BAL 'XYZ' (expected PER, ORG, APP or CAB)"),
+                            (11, "mailbox secretariat.cardio@ch-exemple.mssante.fr already listed on line 4")]
+    assert states[1][1] == {"mailboxes": (8, 0, 0)} and states[1][2] == 10
+
+
 def scenario_migration(url: str) -> None:
     """0003 upgrades a 0002 database holding mailboxes, folders and messages (the mailboxes become local
     and hosted; no table is rebuilt, which would break the foreign keys of those rows), matches the
@@ -268,7 +293,7 @@ def scenario_migration(url: str) -> None:
         with engine.begin() as conn:
             conn.execute(sa.text("INSERT INTO principals (kind, national_id, display_name, created_at) "
                                  "VALUES ('person', :nid, 'Camille Martin', :now)"),
-                         {"nid": DUPRE, "now": dt.datetime.now(dt.timezone.utc)})
+                         {"nid": DUPRE, "now": dt.datetime.now(dt.UTC)})
             conn.execute(sa.text("INSERT INTO mailboxes (address, mailbox_type, owner_id, created_at) "
                                  "SELECT 'camille@caducee.test', 'PER', id, created_at FROM principals"))
             conn.execute(sa.text("INSERT INTO mailbox_access (mailbox_id, principal_id) "
@@ -276,7 +301,7 @@ def scenario_migration(url: str) -> None:
             conn.execute(sa.text("INSERT INTO folders (mailbox_id, name, uidvalidity) SELECT id, 'INBOX', 1 "
                                  "FROM mailboxes"))
             conn.execute(sa.text("INSERT INTO messages (folder_id, uid, blob, size, internaldate) "
-                                 "SELECT id, 1, 'b', 1, :now FROM folders"), {"now": dt.datetime.now(dt.timezone.utc)})
+                                 "SELECT id, 1, 'b', 1, :now FROM folders"), {"now": dt.datetime.now(dt.UTC)})
         command.upgrade(config, "head")
         box = DirectoryStore(engine).mailbox_by_address("camille@caducee.test")
         assert box is not None and box.source is MailboxSource.LOCAL and box.hosted
@@ -488,12 +513,47 @@ def test_bad_lines_are_reported_with_their_number_and_the_rest_goes_in(engine: s
     assert counts(summary)["activities"] == (6, 0, 0)
 
 
+def test_a_file_parsed_on_two_cores_gives_the_same_result(url: str, tmp_path: Path) -> None:
+    scenario_parsed_on_two_cores(url, tmp_path)
+
+
+def test_the_worker_reports_bad_lines_with_their_numbers(engine: sa.Engine, tmp_path: Path) -> None:
+    header, *rows = lines_of(ACTIVITY_52)
+    lines = [header, *rows, *rows[:2], "8|1|2|", rows[0].replace("|810091234566|", "|8123|")]
+    summary = import_file(engine, write_lines(tmp_path / "halves.txt", lines), parallel_parse=True)
+    assert summary.lines == 10
+    assert [(i.line, i.message) for i in summary.errors] == [
+        (10, "3 fields instead of 52"),
+        (11, "Identification nationale PP 8123 does not match type 8 + 10091234566")]
+    assert [i.line for i in summary.warning_samples] == [5]
+    assert counts(summary)["activities"] == (6, 0, 0)
+
+
 def test_reimport_applies_the_difference(url: str, tmp_path: Path) -> None:
     scenario_import_and_reimport(url, tmp_path)
 
 
 def test_a_failed_import_changes_nothing(url: str, tmp_path: Path) -> None:
     scenario_failed_import_changes_nothing(url, tmp_path)
+
+
+def test_an_import_applied_while_another_was_planned_is_refused(engine: sa.Engine) -> None:
+    import_file(engine, ACTIVITY_52)
+    before = snapshot(engine)
+
+    def meanwhile(progress: ImportProgress) -> None:
+        if progress.phase == "applying":  # between the plan and the write transaction
+            with engine.begin() as conn:
+                conn.execute(sa.insert(directory_imports).values(
+                    kind="PS_LibreAcces_SavoirFaire", file_name="other.txt",
+                    started_at=dt.datetime.now(dt.UTC), lines=0))
+
+    with pytest.raises(DirectoryImportError, match="another import was applied while this one was being prepared"):
+        import_file(engine, ACTIVITY_56_FONCTION, progress=meanwhile)
+    after = snapshot(engine)
+    assert len(after["directory_imports"]) == len(before["directory_imports"]) + 1  # only the other one
+    assert {k: v for k, v in after.items() if k != "directory_imports"} == {
+        k: v for k, v in before.items() if k != "directory_imports"}
 
 
 def test_a_file_without_usable_lines_is_refused(engine: sa.Engine, tmp_path: Path) -> None:
@@ -578,7 +638,7 @@ def test_bad_mailbox_lines_are_rejected_with_their_number(engine: sa.Engine, tmp
 def test_progress_reports_phases_and_bytes(engine: sa.Engine) -> None:
     seen: list[ImportProgress] = []
     import_file(engine, ACTIVITY_52, progress=seen.append)
-    assert [p.phase for p in seen] == ["indexing", "applying", "done"]
+    assert [p.phase for p in seen] == ["indexing", "planning", "applying", "done"]
     assert seen[-1].bytes_done == seen[-1].bytes_total == ACTIVITY_52.stat().st_size
     assert seen[0].bytes_done == ACTIVITY_52.stat().st_size and seen[0].lines == 6
     assert seen[-1].fraction == 1.0
@@ -645,7 +705,7 @@ def test_certificates_of_a_principal(engine: sa.Engine) -> None:
     person = store.add_principal(PrincipalKind.PERSON, DUPRE, "Élodie Dupré")
     org = store.add_principal(PrincipalKind.ORGANISATION, HOSPITAL, "CH Exemple")
     box = store.add_mailbox("elodie@caducee.test", MailboxType.PER, person)
-    future = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(days=30)
+    future = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(days=30)
     der = _certificate("ÉLODIE DUPRÉ", future)
     cert = store.add_certificate(person, der, CertificateUsage.SIGN, box)
     assert (cert.usage, cert.status, cert.serial, cert.mailbox_id) == (

@@ -35,6 +35,7 @@ from tests.directory.test_importers import (
     scenario_import_and_reimport,
     scenario_mailboxes,
     scenario_migration,
+    scenario_parsed_on_two_cores,
     set_field,
     write_lines,
 )
@@ -74,6 +75,10 @@ def test_a_failed_import_changes_nothing(pg_url: str, tmp_path: Path) -> None:
 
 def test_mailboxes(pg_url: str, tmp_path: Path) -> None:
     scenario_mailboxes(pg_url, tmp_path)
+
+
+def test_a_file_parsed_on_two_cores(pg_url: str, tmp_path: Path) -> None:
+    scenario_parsed_on_two_cores(pg_url, tmp_path)  # the worker's rows arrive through COPY
 
 
 def test_search_and_the_byte_wise_collation(pg_url: str) -> None:

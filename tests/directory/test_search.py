@@ -15,6 +15,7 @@ from directory.importers import import_file
 from directory.model import MailboxType, SkillKind
 from directory.search import SearchError, SearchQuery, build_query, search, to_jsonable
 from directory.store import DirectoryStore
+from mailserver.db import make_engine
 from tests.directory.test_importers import (
     ACTIVITY_52,
     DALMEIDA,
@@ -29,7 +30,6 @@ from tests.directory.test_importers import (
     SAVOIR_FAIRE,
     engine_for,
 )
-from mailserver.db import make_engine
 
 EHPAD = "1259999977"
 PHARMACY = "399977788800021"
