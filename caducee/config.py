@@ -46,6 +46,8 @@ class ListenConfig:
     submissions: HostPort | None = HostPort("127.0.0.1", 5465)
     imap: HostPort | None = HostPort("127.0.0.1", 1143)
     imaps: HostPort | None = HostPort("127.0.0.1", 1993)
+    ldaps: HostPort | None = HostPort("127.0.0.1", 6636)
+    admin: HostPort | None = HostPort("127.0.0.1", 8025)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,27 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class DirectoryConfig:
+    # Base DN of the published directory (LDAPS listener and `caducee directory publish`);
+    # "" = dc=… from the first mail domain.
+    ldap_base: str = ""
+    ldap_size_limit: int = 500  # entries per LDAP search at most (sizeLimitExceeded beyond)
+    ldap_time_limit: int = 10  # seconds per LDAP search at most (timeLimitExceeded beyond)
+    http_max_results: int = 200  # results per page of the HTTP search API at most
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    # A remote directory where the encryption certificates of other operators' mailboxes are looked up
+    # (ldap:// or ldaps://); "" = none.
+    url: str = ""
+    base: str = ""  # search base in that directory
+    ca: str = ""  # PEM bundle that authenticates an ldaps:// server; "" = the node's trust anchors
+    cache_ttl: int = 3600  # seconds a found (or absent) certificate is remembered
+    timeout: int = 10
+
+
+@dataclass(frozen=True)
 class DatabaseConfig:
     url: str = "sqlite:///caducee.db"
 
@@ -113,6 +136,8 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -120,6 +145,13 @@ class Config:
 
     def path(self, p: Path) -> Path:
         return p if p.is_absolute() else self.state_dir / p
+
+    @property
+    def ldap_base(self) -> str:
+        """The base DN of the published directory."""
+        if self.directory.ldap_base:
+            return self.directory.ldap_base
+        return ",".join(f"dc={label}" for label in self.server.domains[0].split("."))
 
     @property
     def database_url(self) -> str:
@@ -136,6 +168,8 @@ SECTIONS: dict[str, type] = {
     "tls": TlsConfig,
     "trust": TrustConfig,
     "relay": RelayConfig,
+    "directory": DirectoryConfig,
+    "discovery": DiscoveryConfig,
     "database": DatabaseConfig,
     "storage": StorageConfig,
     "limits": LimitsConfig,
@@ -282,6 +316,8 @@ submission = "{lst.submission}"     # SMTP submission, STARTTLS required before 
 submissions = "{lst.submissions}"   # SMTP submission, implicit TLS
 imap = "{lst.imap}"                 # IMAP, STARTTLS required before AUTHENTICATE
 imaps = "{lst.imaps}"               # IMAP, implicit TLS
+ldaps = "{lst.ldaps}"               # the directory over LDAP, implicit TLS, read-only
+admin = "{lst.admin}"               # HTTPS API (directory search, FHIR) and console, client certificate
 
 [tls]
 # The node's certificate with its chain, and its key (PEM). TLS 1.2 and 1.3 only, AEAD suites only.
@@ -310,6 +346,21 @@ retry_max = {d.relay.retry_max}
 delay_warning = {d.relay.delay_warning}         # delay DSN after this many seconds
 max_lifetime = {d.relay.max_lifetime}         # failure DSN and drop after this many seconds
 lease = {d.relay.lease}
+
+[directory]
+# Base DN of the published directory; "" = dc=… from the first domain.
+ldap_base = "{d.directory.ldap_base}"
+ldap_size_limit = {d.directory.ldap_size_limit}   # entries per LDAP search at most
+ldap_time_limit = {d.directory.ldap_time_limit}    # seconds per LDAP search at most
+http_max_results = {d.directory.http_max_results}  # results per HTTP search page at most
+
+[discovery]
+# Another directory where other operators' encryption certificates are found: "ldaps://host:636"; "" = none.
+url = "{d.discovery.url}"
+base = "{d.discovery.base}"
+ca = "{d.discovery.ca}"               # PEM bundle for its TLS certificate; "" = [tls] trust_anchors
+cache_ttl = {d.discovery.cache_ttl}     # seconds a lookup's answer is kept
+timeout = {d.discovery.timeout}
 
 [database]
 # SQLite (embedded default, relative to this folder) or PostgreSQL:

@@ -21,7 +21,7 @@ from caducee import config as config_mod
 from caducee import database
 from crypto.pki import CertUsage, DevPKI
 from directory.identifiers import PrincipalKind, luhn_complete
-from directory.model import MailboxType
+from directory.model import CertificateUsage, MailboxType
 from directory.store import DirectoryStore
 from mailserver.db import make_engine
 
@@ -97,6 +97,14 @@ def init_state(
     return cfg
 
 
+def _der(pem_path: Path) -> bytes:
+    """The first certificate of a PEM file, DER-encoded."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return x509.load_pem_x509_certificate(pem_path.read_bytes()).public_bytes(Encoding.DER)
+
+
 def _rel(path: Path, base: Path) -> str:
     try:
         return str(path.resolve().relative_to(base.resolve()))
@@ -126,7 +134,7 @@ def _init_demo(cfg: config_mod.Config, pki: DevPKI, say: Callable[[str], None]) 
                 PrincipalKind.PERSON, person.national_id, f"{person.given_name} {person.surname}"
             )
             address = f"{person.local_part}@{domain}"
-            directory.add_mailbox(address, MailboxType.PER, principal)
+            mailbox = directory.add_mailbox(address, MailboxType.PER, principal)
             paths = {}
             for usage, suffix in ((CertUsage.AUTH, "auth"), (CertUsage.SIGN, "sign"), (CertUsage.ENC, "enc")):
                 base = f"{person.local_part}.{suffix}"
@@ -137,6 +145,10 @@ def _init_demo(cfg: config_mod.Config, pki: DevPKI, say: Callable[[str], None]) 
                         demo_dir, base, password,
                     ),
                 )
+            # Published in the directory: the encryption certificate is what senders look up.
+            for suffix, cert_usage in (("auth", CertificateUsage.AUTH), ("sign", CertificateUsage.SIGN),
+                                       ("enc", CertificateUsage.ENC)):
+                directory.add_certificate(principal, _der(paths[suffix][0]), cert_usage, mailbox)
             identities.append({
                 "address": address, "mailbox_type": "PER", "national_id": person.national_id,
                 "display_name": f"{person.given_name} {person.surname}",
@@ -154,6 +166,7 @@ def _init_demo(cfg: config_mod.Config, pki: DevPKI, say: Callable[[str], None]) 
             lambda: pki.issue_organisation(structure_id, DEMO_ORG_NAME, f"lis.{domain}", demo_dir,
                                            "laboratoire", password, email=f"resultats@{domain}"),
         )
+        directory.add_certificate(org, _der(org_cert), CertificateUsage.ORG)
         for local, mtype, description in (
             ("secretariat", MailboxType.ORG, "Secrétariat du laboratoire"),
             ("resultats", MailboxType.APP, "Serveur de résultats (logiciel)"),
@@ -181,8 +194,8 @@ def _init_demo(cfg: config_mod.Config, pki: DevPKI, say: Callable[[str], None]) 
             "submissions": lst.submissions.port if lst.submissions else None,
             "imap": lst.imap.port if lst.imap else None,
             "imaps": lst.imaps.port if lst.imaps else None,
-            "ldaps": None,
-            "admin": None,
+            "ldaps": lst.ldaps.port if lst.ldaps else None,
+            "admin": lst.admin.port if lst.admin else None,
             "metrics": None,
         },
         "identities": identities,

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     import smtplib
     import ssl
 
-LISTENERS = ("relay", "submission", "submissions", "imap", "imaps")
+LISTENERS = ("relay", "submission", "submissions", "imap", "imaps", "ldaps", "admin")
+DEFAULT_PORTS = {"relay": 2525, "submission": 5587, "submissions": 5465, "imap": 1143, "imaps": 1993,
+                 "ldaps": 6636, "admin": 8025}
 
 
 def free_port() -> int:
@@ -57,7 +59,7 @@ def init_state(state: Path, *, domain: str = "caducee.localhost", ports: dict[st
         shutil.copytree(pki_from / "pki", state / "pki", ignore=shutil.ignore_patterns("server"))
     text = sample(domain, hostname)
     for name, port in ports.items():
-        default = {"relay": 2525, "submission": 5587, "submissions": 5465, "imap": 1143, "imaps": 1993}[name]
+        default = DEFAULT_PORTS[name]
         text = text.replace(f'{name} = "127.0.0.1:{default}"', f'{name} = "127.0.0.1:{port}"')
     if organisation is not None:
         text = re.sub(r'(?m)^organisation = .*$', f'organisation = "{organisation}"', text)
