@@ -4,6 +4,7 @@ reactor (DESIGN.md §2). `serve` returns when SIGTERM or SIGINT has stopped ever
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -172,6 +173,8 @@ async def start(cfg: Config) -> Node:
         node.twisted_ports.append(port)
         addr = port.getHost()
         node.addresses[name] = f"{addr.host}:{addr.port}"
+    _start_ldaps(node, reactor, cfg, read_engine)
+    _start_admin(node, reactor, cfg, authenticator, read_engine)
 
     for name, address in node.addresses.items():
         log.info("event=listening protocol=%s address=%s", name, address)
@@ -195,6 +198,33 @@ def _imap_authenticator(authenticator: Any) -> Any:
                          principal=identity.principal.national_id)
 
     return authenticate
+
+
+def _start_ldaps(node: Node, reactor: Any, cfg: Config, read_engine: Any) -> None:
+    """The read-only directory over LDAPS (directory.ldap_server), answered from the read engine."""
+    if cfg.listen.ldaps is None:
+        return
+    from directory.ldap_server import LdapDirectory, listen_ldaps
+
+    directory = LdapDirectory(read_engine, cfg.ldap_base, organisation=cfg.server.organisation,
+                              size_limit=cfg.directory.ldap_size_limit, time_limit=cfg.directory.ldap_time_limit)
+    port = listen_ldaps(reactor, directory, cfg.path(cfg.tls.certificate), cfg.path(cfg.tls.key),
+                        cfg.listen.ldaps.host, cfg.listen.ldaps.port)
+    node.twisted_ports.append(port)
+    addr = port.getHost()
+    node.addresses["ldaps"] = f"{addr.host}:{addr.port}"
+
+
+def _start_admin(node: Node, reactor: Any, cfg: Config, authenticator: Any, read_engine: Any) -> None:
+    """The admin HTTPS listener (caducee.http_api): directory search as JSON and FHIR, client certificate."""
+    if cfg.listen.admin is None:
+        return
+    from caducee import http_api
+
+    port = http_api.start(reactor, cfg.listen.admin, cfg, authenticator, read_engine)
+    node.twisted_ports.append(port)
+    addr = port.getHost()
+    node.addresses["admin"] = f"{addr.host}:{addr.port}"
 
 
 async def stop(node: Node) -> None:
@@ -242,6 +272,10 @@ def serve(cfg: Config) -> int:
             state["status"] = 1
             reactor.stop()
             return
+        # What start-up allocated (modules, configuration, schema objects) lives as long as the process:
+        # out of the collector's generations, so that collections under load walk only what sessions make.
+        gc.collect()
+        gc.freeze()
         log.info("event=ready")
 
     def graceful() -> Any:

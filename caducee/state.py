@@ -120,6 +120,21 @@ def _init_demo(cfg: config_mod.Config, pki: DevPKI, say: Callable[[str], None]) 
     directory = DirectoryStore(engine)
     password = DEMO_P12_PASSWORD.encode()
     identities: list[dict[str, object]] = []
+    # Each demo person is a practitioner of the national directory (profession TRE_G15, one savoir-faire,
+    # an activity at the demo laboratory), so that searches by name, profession, specialty and city
+    # (CLI, HTTP JSON, FHIR) find something. Codes as in PS_LibreAcces_* (REFERENCE.md §4).
+    from directory.model import SkillKind
+
+    practice = {
+        "camille.martin": ("10", "Médecin", "DR", "Docteur",
+                           ("S", "Spécialité ordinale", "SM53", "Spécialiste en Médecine Générale")),
+        "louis.bernard": ("21", "Pharmacien", None, None,
+                          ("C", "Compétence", "C01", "Soins palliatifs")),
+        "sophie.petit": ("60", "Infirmier", None, None,
+                         ("S", "Spécialité ordinale", "SI01",
+                          "Exercice infirmier en pratique avancée pathologies chroniques stabilisées")),
+    }
+    demo_practitioners = []
 
     def issue(kind: str, base: str, fn: Callable[[], object]) -> tuple[Path, Path]:
         cert, key = demo_dir / f"{base}.pem", demo_dir / f"{base}.key"
@@ -135,6 +150,13 @@ def _init_demo(cfg: config_mod.Config, pki: DevPKI, say: Callable[[str], None]) 
             )
             address = f"{person.local_part}@{domain}"
             mailbox = directory.add_mailbox(address, MailboxType.PER, principal)
+            code, label, title_code, title, (sf_type, sf_type_label, sf_code, sf_label) = practice[person.local_part]
+            practitioner = directory.add_practitioner(
+                principal, last_name=person.surname, first_names=person.given_name, profession_code=code,
+                profession_label=label, exercise_civility_code=title_code, exercise_civility_label=title)
+            directory.add_skill(practitioner, SkillKind.SAVOIR_FAIRE, sf_code, label=sf_label, type_code=sf_type,
+                                type_label=sf_type_label)
+            demo_practitioners.append(practitioner)
             paths = {}
             for usage, suffix in ((CertUsage.AUTH, "auth"), (CertUsage.SIGN, "sign"), (CertUsage.ENC, "enc")):
                 base = f"{person.local_part}.{suffix}"
@@ -167,6 +189,11 @@ def _init_demo(cfg: config_mod.Config, pki: DevPKI, say: Callable[[str], None]) 
                                            "laboratoire", password, email=f"resultats@{domain}"),
         )
         directory.add_certificate(org, _der(org_cert), CertificateUsage.ORG)
+        site = directory.add_organisation(
+            org, name=DEMO_ORG_NAME, finess=DEMO_ORG_FINESS, address="12 AVENUE DES GOBELINS\n75013 PARIS",
+            postcode="75013", commune_code="75113", city="Paris", department_code="75", department_label="Paris")
+        for practitioner in demo_practitioners:
+            directory.add_activity(practitioner, site, mode_code="S", mode_label="Salarié")
         for local, mtype, description in (
             ("secretariat", MailboxType.ORG, "Secrétariat du laboratoire"),
             ("resultats", MailboxType.APP, "Serveur de résultats (logiciel)"),

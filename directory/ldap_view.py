@@ -4,8 +4,8 @@ One definition serves the LDAPS listener (`directory.ldap_server`) and the push 
 (`caducee directory publish`), so that both always present the same entries (layout and schema in
 `directory.ldap_schema`).
 
-Published: active persons (practitioners of the national directory and persons holding a mailbox), the
-organisations of the national directory, and active mailboxes that are not on the liste rouge. Never
+Published: active persons (practitioners of the national directory and persons holding a published
+mailbox), the organisations of the national directory, and active mailboxes not on the liste rouge. Never
 published: liste rouge and inactive mailboxes, authentication and signature certificates, revoked or expired
 certificates, database row ids. Encryption certificates are published as `userCertificate;binary` (the DER
 certificate) and `userSMIMECertificate` (a degenerate PKCS#7 SignedData holding it, RFC 2798 §9.1.2), on the
@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
 from directory import ldap_schema as ls
+from directory.importers.text import normalise
 from directory.schema import (
     activities,
     certificates,
@@ -116,11 +117,33 @@ def _add_certificates(entry: LdapEntry, ders: Iterable[bytes]) -> None:
         entry.add("userSMIMECertificate", _smime(der))
 
 
-def _split_name(display_name: str) -> tuple[str | None, str]:
-    """(given name, surname) of a display name "Given Surname" (a holder without practitioner data)."""
+# PrintableString (RFC 4517 §3.3.29), the syntax of telephoneNumber and facsimileTelephoneNumber in
+# OpenLDAP: a value with another character (a "#", an accent, as some national rows carry) is refused by
+# the server, so it is cleaned here.
+_PRINTABLE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:?")
+
+
+def _phone(value: str | None) -> str | None:
+    """A telephone number as PrintableString: other characters dropped; None when nothing is left."""
+    if not value:
+        return None
+    cleaned = " ".join("".join(ch for ch in value if ch in _PRINTABLE).split())
+    return cleaned if any(ch.isdigit() for ch in cleaned) else None
+
+
+def _split_name(display_name: str, name_norm: str | None = None) -> tuple[str | None, str]:
+    """(given name, surname) of a display name "Given Surname" (a holder without practitioner data).
+
+    The national extraction gives the holder's names apart, and `name_norm` keeps them as "surname given":
+    it tells where a compound surname starts ("Yann LE GALL"). Otherwise the last word is the surname."""
     parts = display_name.split()
     if len(parts) < 2:
         return None, display_name
+    if name_norm:
+        for k in range(1, len(parts)):
+            given, surname = " ".join(parts[:k]), " ".join(parts[k:])
+            if normalise(f"{surname} {given}") == name_norm:
+                return given, surname
     return " ".join(parts[:-1]), parts[-1]
 
 
@@ -130,12 +153,16 @@ def people(conn: sa.Connection, principal_ids: Sequence[int], base: str) -> list
     if not ids:
         return []
     rows = conn.execute(
-        sa.select(principals.c.id, principals.c.national_id, principals.c.display_name,
+        sa.select(principals.c.id, principals.c.national_id, principals.c.display_name, principals.c.name_norm,
                   practitioners.c.id_type, practitioners.c.identifier, practitioners.c.last_name,
                   practitioners.c.first_names, practitioners.c.exercise_civility_label,
                   practitioners.c.profession_code, practitioners.c.profession_label)
         .select_from(principals.outerjoin(practitioners, practitioners.c.principal_id == principals.c.id))
-        .where(principals.c.id.in_(ids), principals.c.kind == "person", principals.c.active.is_(True))
+        .where(principals.c.id.in_(ids), principals.c.kind == "person", principals.c.active.is_(True),
+               # Public: a practitioner of the national directory (open data), or the holder of a published
+               # mailbox. A person whose only mailboxes are on the liste rouge is not published at all.
+               sa.or_(practitioners.c.principal_id.is_not(None),
+                      sa.exists().where(mailboxes.c.owner_id == principals.c.id, PUBLISHED_MAILBOX)))
         .order_by(principals.c.id)).all()
     found = [r.id for r in rows]
     skills: dict[int, list[sa.Row[Any]]] = defaultdict(list)
@@ -158,8 +185,14 @@ def people(conn: sa.Connection, principal_ids: Sequence[int], base: str) -> list
                           .order_by(mailboxes.c.preference, mailboxes.c.address)):
         boxes[r.owner_id].append(r.address)
     certs: dict[int, list[bytes]] = defaultdict(list)
-    for r in _valid_certificates(conn, found, ("enc",)):
-        certs[r.principal_id].append(r.der)
+    enc = _valid_certificates(conn, found, ("enc",))
+    # A certificate bound to a liste rouge (or closed) mailbox names that mailbox: not on the person either.
+    bound = sorted({r.mailbox_id for r in enc if r.mailbox_id is not None})
+    shown = {r.id for r in conn.execute(sa.select(mailboxes.c.id).where(mailboxes.c.id.in_(bound),
+                                                                        PUBLISHED_MAILBOX))} if bound else set()
+    for r in enc:
+        if r.mailbox_id is None or r.mailbox_id in shown:
+            certs[r.principal_id].append(r.der)
 
     entries = []
     for r in rows:
@@ -171,7 +204,7 @@ def people(conn: sa.Connection, principal_ids: Sequence[int], base: str) -> list
             given, surname = r.first_names, r.last_name
             entry.add("cn", " ".join(p for p in (given, surname) if p))
         else:
-            given, surname = _split_name(r.display_name)
+            given, surname = _split_name(r.display_name, r.name_norm)
             entry.add("cn", r.display_name)
         entry.add("sn", surname)
         entry.add("givenName", given)
@@ -214,8 +247,8 @@ def organisation_entries(conn: sa.Connection, organisation_ids: Sequence[int], b
         entry.add("postalAddress", "$".join(line.replace("$", " ") for line in (r.address or "").splitlines()))
         entry.add("postalCode", r.postcode)
         entry.add("l", r.city)
-        entry.add("telephoneNumber", r.phone, r.phone2)
-        entry.add("facsimileTelephoneNumber", r.fax)
+        entry.add("telephoneNumber", _phone(r.phone), _phone(r.phone2))
+        entry.add("facsimileTelephoneNumber", _phone(r.fax))
         entries.append(entry)
     return entries
 
@@ -227,6 +260,7 @@ def mailbox_entries(conn: sa.Connection, mailbox_ids: Sequence[int], base: str) 
         return []
     rows = conn.execute(
         sa.select(mailboxes, principals.c.kind, principals.c.national_id, principals.c.display_name,
+                  principals.c.name_norm,
                   principals.c.organisation, principals.c.active.label("owner_active"),
                   practitioners.c.last_name, practitioners.c.first_names,
                   practitioners.c.profession_code, practitioners.c.profession_label)
@@ -268,7 +302,7 @@ def mailbox_entries(conn: sa.Connection, mailbox_ids: Sequence[int], base: str) 
                 entry.add("sn", r.last_name)
                 entry.add("givenName", r.first_names)
             else:
-                given, surname = _split_name(r.display_name)
+                given, surname = _split_name(r.display_name, r.name_norm)
                 entry.add("cn", r.display_name)
                 entry.add("sn", surname)
                 entry.add("givenName", given)

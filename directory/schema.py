@@ -251,3 +251,29 @@ directory_imports = sa.Table(
     sa.Column("rejected", sa.Integer, nullable=False, server_default="0"),
     sa.Column("warnings", sa.Integer, nullable=False, server_default="0"),
 )
+
+# -- publication to OpenLDAP (`caducee directory publish`, directory.ldap_sync) --
+
+# A server and base DN the directory is published to ("host:port/base", normalised).
+ldap_targets = sa.Table(
+    "ldap_targets",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("target", sa.String(600), nullable=False, unique=True),
+    sa.Column("url", sa.String(300), nullable=False),  # as last given
+    sa.Column("base", sa.String(300), nullable=False),
+    sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),  # last run that reached the end
+    sa.Column("full_at", sa.DateTime(timezone=True), nullable=True),  # last --full run that reached the end
+)
+
+# Every entry published to a target, as the server last acknowledged it: the next run sends only what
+# differs from this.
+ldap_published = sa.Table(
+    "ldap_published",
+    metadata,
+    sa.Column("target_id", sa.Integer, sa.ForeignKey("ldap_targets.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("dn_key", sa.String(64), primary_key=True),  # SHA-256 of the normalised DN, hex
+    sa.Column("dn", sa.String(1000), nullable=False),  # as sent
+    sa.Column("depth", sa.Integer, nullable=False),  # number of RDNs: deletes go deepest first
+    sa.Column("digest", sa.String(64), nullable=False),  # SHA-256 of the normalised attributes, hex
+)

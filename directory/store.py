@@ -150,6 +150,10 @@ def _certificate(row: sa.Row[Any]) -> Certificate:
 _SERVED = sa.and_(mailboxes.c.active.is_(True), mailboxes.c.hosted.is_(True))
 
 
+# Constant statements of the hot paths (one per RCPT): compiled once, then only executed.
+_SERVED_BY_ADDRESS = sa.select(mailboxes).where(mailboxes.c.address == sa.bindparam("address"), _SERVED)
+
+
 class DirectoryStore:
     """Reads and writes the directory tables through a synchronous SQLAlchemy engine."""
 
@@ -169,9 +173,7 @@ class DirectoryStore:
     def mailbox_by_address(self, address: str) -> Mailbox | None:
         """The active mailbox this operator hosts at `address` (recipient checks, delivery)."""
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(mailboxes).where(mailboxes.c.address == normalise_address(address), _SERVED)
-            ).first()
+            row = conn.execute(_SERVED_BY_ADDRESS, {"address": normalise_address(address)}).first()
         return _mailbox(row) if row else None
 
     def mailboxes_of(self, principal_id: int) -> list[Mailbox]:
@@ -408,3 +410,145 @@ class DirectoryStore:
             result = conn.execute(sa.update(certificates).where(
                 certificates.c.fingerprint == fingerprint.lower()).values(status=status.value))
         return bool(result.rowcount)
+
+    # -- national directory rows written here (demo directory, administration); idempotent --
+    def add_practitioner(
+        self,
+        principal: Principal,
+        *,
+        last_name: str,
+        first_names: str | None = None,
+        profession_code: str | None = None,
+        profession_label: str | None = None,
+        category_code: str | None = "C",
+        category_label: str | None = "Civil",
+        civility_code: str | None = None,
+        civility_label: str | None = None,
+        exercise_civility_code: str | None = None,
+        exercise_civility_label: str | None = None,
+    ) -> Practitioner:
+        """The practitioner row of a person principal whose national id is "8" + RPPS or "0" + ADELI.
+
+        An existing row is returned unchanged (the national import, not this method, keeps it current).
+        """
+        existing = self.practitioner(principal.national_id)
+        if existing:
+            return existing
+        nid = principal.national_id
+        if principal.kind is not PrincipalKind.PERSON or nid[:1] not in ("8", "0") or len(nid) < 2:
+            raise ValueError(f"{nid} is not the national id of a person (8 + RPPS or 0 + ADELI)")
+        last, first = normalise(last_name), normalise(first_names or "")
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(practitioners).values(
+                principal_id=principal.id, national_id=nid, id_type=nid[0], identifier=nid[1:],
+                civility_code=civility_code, civility_label=civility_label,
+                exercise_civility_code=exercise_civility_code, exercise_civility_label=exercise_civility_label,
+                last_name=last_name, first_names=first_names, name_norm=f"{last} {first}".strip()[:400],
+                given_name_norm=f"{first} {last}".strip()[:400], profession_code=profession_code,
+                profession_label=profession_label, profession_norm=normalise(profession_label or "") or None,
+                category_code=category_code, category_label=category_label, updated_at=dt.datetime.now(dt.UTC),
+            ))
+        found = self.practitioner(nid)
+        assert found is not None
+        return found
+
+    def add_organisation(
+        self,
+        principal: Principal,
+        *,
+        name: str,
+        finess: str | None = None,
+        siret: str | None = None,
+        address: str | None = None,
+        postcode: str | None = None,
+        commune_code: str | None = None,
+        city: str | None = None,
+        department_code: str | None = None,
+        department_label: str | None = None,
+        phone: str | None = None,
+        email: str | None = None,
+    ) -> Organisation:
+        """The organisation (site) row of an organisation principal, keyed by its structure national id.
+
+        An existing row is returned unchanged. `address` holds the postal lines, one per line.
+        """
+        existing = self.organisation(principal.national_id)
+        if existing:
+            return existing
+        if principal.kind is not PrincipalKind.ORGANISATION:
+            raise ValueError(f"{principal.national_id} is not an organisation")
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(organisations).values(
+                principal_id=principal.id, structure_id=principal.national_id, finess=finess, siret=siret,
+                siren=siret[:9] if siret else None, name=name, name_norm=normalise(name) or None,
+                address=address, postcode=postcode, commune_code=commune_code, city=city,
+                city_norm=normalise(city or "") or None, department_code=department_code,
+                department_label=department_label, phone=phone, email=email, updated_at=dt.datetime.now(dt.UTC),
+            ))
+        found = self.organisation(principal.national_id)
+        assert found is not None
+        return found
+
+    def add_activity(
+        self,
+        practitioner: Practitioner,
+        organisation: Organisation | None,
+        *,
+        mode_code: str | None = None,
+        mode_label: str | None = None,
+        sector_code: str | None = None,
+        sector_label: str | None = None,
+        role_code: str | None = None,
+        role_label: str | None = None,
+        genre_code: str | None = None,
+        genre_label: str | None = None,
+        section_code: str | None = None,
+        section_label: str | None = None,
+        registration_authority: str | None = None,
+    ) -> Activity:
+        """An activity of a practitioner at a site, keyed like the national import's (practitioner, site,
+        mode, sector, role, genre): adding the same one twice returns the existing row."""
+        sid = organisation.structure_id if organisation is not None else ""
+        codes = "|".join(c or "" for c in (mode_code, sector_code, role_code, genre_code))
+        key = f"{practitioner.national_id}|{sid}|{codes}"
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(activities).where(activities.c.source_key == key)).first()
+            if row is None:
+                conn.execute(sa.insert(activities).values(
+                    practitioner_id=practitioner.principal_id,
+                    organisation_id=organisation.id if organisation is not None else None, source_key=key,
+                    mode_code=mode_code, mode_label=mode_label, sector_code=sector_code, sector_label=sector_label,
+                    role_code=role_code, role_label=role_label, genre_code=genre_code, genre_label=genre_label,
+                    section_code=section_code, section_label=section_label,
+                    registration_authority=registration_authority, updated_at=dt.datetime.now(dt.UTC),
+                ))
+                row = conn.execute(sa.select(activities).where(activities.c.source_key == key)).first()
+        assert row is not None
+        return activity_from_row(row)
+
+    def add_skill(
+        self,
+        practitioner: Practitioner,
+        kind: SkillKind,
+        code: str,
+        *,
+        label: str | None = None,
+        type_code: str | None = None,
+        type_label: str | None = None,
+        source: str = "savoir_faire",
+    ) -> Skill:
+        """A savoir-faire, diploma or authorisation of a practitioner, keyed like the national import's
+        rows of `source` (activity | savoir_faire | diploma): adding it twice returns the existing row."""
+        key = f"{practitioner.national_id}|{source}|{kind.value}|{type_code or ''}|{code}"
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(practitioner_skills).where(practitioner_skills.c.source_key == key)).first()
+            if row is None:
+                conn.execute(sa.insert(practitioner_skills).values(
+                    practitioner_id=practitioner.principal_id, source_key=key, source=source, kind=kind.value,
+                    type_code=type_code, type_label=type_label, code=code, label=label,
+                    label_norm=normalise(label or "") or None,
+                ))
+                row = conn.execute(
+                    sa.select(practitioner_skills).where(practitioner_skills.c.source_key == key)).first()
+        assert row is not None
+        return skill_from_row(row)

@@ -142,3 +142,26 @@ def test_schema_names_every_attribute_the_view_writes(engine: sa.Engine) -> None
     for entry in published(engine).values():
         for name in entry.attributes:
             assert name.lower() in known, f"{name} of {entry.dn} is not in the schema"
+
+
+def test_a_holder_whose_only_mailbox_is_on_the_liste_rouge_is_not_published(engine: sa.Engine) -> None:
+    store = DirectoryStore(engine)
+    holder = store.add_principal(PrincipalKind.PERSON, "899900000029", "Basile Roux")
+    store.add_mailbox(f"basile.roux@{LOCAL_DOMAIN}", MailboxType.PER, holder)
+    assert f"uid=899900000029,ou=people,{BASE}" in published(engine)
+    store.update_mailbox(f"basile.roux@{LOCAL_DOMAIN}", liste_rouge=True)
+    assert f"uid=899900000029,ou=people,{BASE}" not in published(engine)
+    # A practitioner stays: the national directory is open data; only the mailbox is withheld.
+    assert f"uid={DUPRE},ou=people,{BASE}" in published(engine)
+
+
+@pytest.mark.parametrize(("raw", "published_as"), [
+    ("01 23 45 67 89", "01 23 45 67 89"), ("+33 1 23 45 67 89", "+33 1 23 45 67 89"),
+    ("01.23.45.67.89 #2", "01.23.45.67.89 2"), ("0123456789 poste é12", "0123456789 poste 12"),
+    ("#", None), ("", None), (None, None),
+])
+def test_phone_numbers_are_printable_strings(raw: str | None, published_as: str | None) -> None:
+    from directory.ldap_view import _PRINTABLE, _phone
+
+    assert _phone(raw) == published_as
+    assert published_as is None or set(published_as) <= _PRINTABLE
