@@ -32,12 +32,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email import policy as email_policy
 from email import quoprimime
-from email.errors import HeaderParseError, MessageError
-from email.header import decode_header, make_header
+from email.errors import MessageError
 from email.message import Message
 from email.parser import BytesHeaderParser, BytesParser
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Literal
+
+from mailserver.headers import decode_encoded_words
 
 __all__ = [
     "DEFAULT_NOTIFY",
@@ -451,11 +452,9 @@ def _fields_named(fields: Iterable[tuple[str, str]], name: str) -> list[str]:
 
 
 def _decode_words(value: str) -> str:
-    """RFC 2047 decoding of an unstructured value; the value as is when it cannot be decoded."""
-    try:
-        return str(make_header(decode_header(value)))
-    except (HeaderParseError, LookupError, UnicodeError, ValueError):
-        return value
+    """RFC 2047 decoding of an unstructured value; undecodable words are kept as written. Linear time
+    (mailserver.headers): the stdlib decoder is quadratic in the number of encoded words."""
+    return decode_encoded_words(value)
 
 
 def _clean_text(value: str) -> str:
@@ -660,6 +659,16 @@ def _parse_message(data: bytes) -> Message | None:
         return None
 
 
+def _payload(msg: Message) -> object:
+    """`msg.get_payload()`, or None when the standard library cannot give it: for a non-ASCII text payload
+    it decodes with the declared charset and catches only LookupError, so a charset holding a NUL or naming
+    "idna" raised ValueError out of the parser (found by tests/fuzz)."""
+    try:
+        return msg.get_payload()
+    except ValueError:
+        return None
+
+
 def _header_message(data: bytes) -> Message | None:
     """The header block alone, parsed by the standard library."""
     header, _ = _split_message(data)
@@ -678,7 +687,7 @@ def _find_report(msg: Message, report_types: frozenset[str], depth: int = 0) -> 
         if kind in report_types:
             return msg
     if depth < _MAX_NESTING and msg.is_multipart() and msg.get_content_maintype() == "multipart":
-        payload = msg.get_payload()
+        payload = _payload(msg)
         if isinstance(payload, list):
             for part in payload:
                 if isinstance(part, Message):
@@ -704,7 +713,7 @@ def _report_blocks(part: Message) -> list[list[tuple[str, str]]]:
            if not n.lower().startswith("content-") and n.lower() != "mime-version"]
     if own:
         blocks.append(own)
-    payload = part.get_payload()
+    payload = _payload(part)
     if isinstance(payload, list):
         for sub in payload:
             if not isinstance(sub, Message):
@@ -712,7 +721,7 @@ def _report_blocks(part: Message) -> list[list[tuple[str, str]]]:
             fields = _raw_fields(sub)
             if fields:
                 blocks.append(fields)
-            rest = sub.get_payload()
+            rest = _payload(sub)
             if isinstance(rest, str) and rest.strip():
                 blocks.extend(_text_blocks(rest.encode("utf-8", "surrogateescape")))
     else:
@@ -732,7 +741,7 @@ def _text_blocks(data: bytes) -> list[list[tuple[str, str]]]:
 def _returned_message_id(report: Message, status_part: Message) -> str | None:
     """The Message-ID of the original returned after the status part (text/rfc822-headers,
     message/rfc822, or their RFC 6533 global forms)."""
-    payload = report.get_payload()
+    payload = _payload(report)
     if not isinstance(payload, list):
         return None
     after = False
@@ -744,7 +753,7 @@ def _returned_message_id(report: Message, status_part: Message) -> str | None:
             continue
         ctype = part.get_content_type()
         if ctype in ("message/rfc822", "message/global"):
-            inner = part.get_payload()
+            inner = _payload(part)
             if isinstance(inner, list) and inner and isinstance(inner[0], Message):
                 value = _field(_raw_fields(inner[0]), "Message-ID")
                 if value:
@@ -1025,7 +1034,7 @@ def parse_dsn(data: bytes) -> DsnReport | None:
     report = _find_report(msg, _DSN_TYPES)
     if report is None:
         return None
-    payload = report.get_payload()
+    payload = _payload(report)
     status_part = next((p for p in payload if isinstance(p, Message) and p.get_content_type() in _DSN_PARTS),
                        None) if isinstance(payload, list) else None
     if status_part is None:

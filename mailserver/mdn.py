@@ -46,6 +46,7 @@ from mailserver.dsn import (
     _original_headers_part,
     _original_message_part,
     _parse_message,
+    _payload,
     _qp,
     _report_blocks,
     _returned_message_id,
@@ -266,7 +267,7 @@ def report_kind(data: bytes) -> Literal["dsn", "mdn"] | None:
     if ctype != "multipart/signed":
         return None
     msg = _parse_message(data)
-    payload = msg.get_payload() if msg is not None else None
+    payload = _payload(msg) if msg is not None else None
     if isinstance(payload, list) and payload and isinstance(payload[0], Message):
         first = payload[0]
         if first.get_content_type() == "multipart/report":
@@ -583,7 +584,7 @@ def parse_mdn(data: bytes) -> MdnReport | None:
     report = _find_report(msg, _MDN_TYPES)
     if report is None:
         return None
-    payload = report.get_payload()
+    payload = _payload(report)
     part = next((p for p in payload if isinstance(p, Message) and p.get_content_type() in _MDN_PARTS),
                 None) if isinstance(payload, list) else None
     if part is None:

@@ -3,8 +3,8 @@
 - check_sender: MAIL FROM must be a mailbox of the authenticated principal (anti-spoofing, DESIGN.md §4);
 - check_recipient: local and known (550 5.1.1), or in a whitelisted domain of another operator of the
   trust space; anything else is refused as relaying (550 5.7.1);
-- check_body: no bare CR or LF anywhere (RFC 5321 §2.3.8; SMTP smuggling), a parseable header whose
-  From: (and Sender:) are all mailboxes of the principal.
+- check_body: no bare CR or LF anywhere (RFC 5321 §2.3.8; SMTP smuggling), a header within the size and
+  count caps (mailserver.headers), parseable, whose From: (and Sender:) are all mailboxes of the principal.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Protocol
 
 from mailserver import replies
 from mailserver.auth import Identity
+from mailserver.headers import MAX_COMMENT_DEPTH, comment_depth, header_limits
 from mailserver.replies import Reply
 from mailserver.trust_api import TrustLookup
 
-_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
 
@@ -67,8 +67,13 @@ class CheckedMessage:
 
 
 def has_bare_line_ending(content: bytes) -> bool:
-    """RFC 5321 §2.3.8: CR and LF only as CRLF (bare ones enable SMTP smuggling downstream)."""
-    return _BARE_CR_OR_LF.search(content) is not None
+    """RFC 5321 §2.3.8: CR and LF only as CRLF (bare ones enable SMTP smuggling downstream).
+
+    Every CR and every LF belongs to a CRLF exactly when the three counts agree (three passes in C, several
+    times faster than a regular expression with a look-behind on every LF of a message).
+    """
+    pairs = content.count(b"\r\n")
+    return content.count(b"\r") != pairs or content.count(b"\n") != pairs
 
 
 def header_message_id(content: bytes) -> str | None:
@@ -89,6 +94,8 @@ def check_body(content: bytes, identity: Identity) -> CheckedMessage | Reply:
     header_block = content[: end + 2] if end >= 0 else content
     if content.startswith(b"\r\n"):
         return replies.FROM_MISSING
+    if header_limits(header_block) is not None:
+        return replies.HEADER_TOO_LARGE
     try:
         headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header_block)
     except Exception:  # noqa: BLE001 - any parser failure is a malformed header
@@ -98,7 +105,11 @@ def check_body(content: bytes, identity: Identity) -> CheckedMessage | Reply:
     froms = headers.get_all("From") or []
     if len(froms) != 1:  # RFC 5322 §3.6: exactly one From field
         return replies.FROM_MISSING
-    addresses = [a for _, a in email.utils.getaddresses(froms + (headers.get_all("Sender") or []))]
+    senders = headers.get_all("Sender") or []
+    # getaddresses recurses once per nested comment: a deep nest was a RecursionError (451 4.3.0).
+    if any(comment_depth(str(v)) > MAX_COMMENT_DEPTH for v in froms + senders):
+        return replies.HEADER_MALFORMED
+    addresses = [a for _, a in email.utils.getaddresses(froms + senders)]
     if not addresses or any(not a or not valid_address(a) for a in addresses):
         return replies.FROM_MISSING
     if any(not identity.owns(a) for a in addresses):

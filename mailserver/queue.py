@@ -4,6 +4,11 @@
 answers 250 after that and never before. Recipients carry state, attempts, next attempt and a lease
 (owner, expiry) so that several workers, or several nodes, share one queue and a crashed worker's claims
 come back when its lease expires.
+
+A queue entry whose body is missing or no longer matches its content address is quarantined: the file is
+moved aside (`blobs/quarantine/`), its waiting recipients take the state `quarantined` (listed by
+`caducee queue list --all`), the log says which entry and why — never what it held — and the rest of the
+queue flows on.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class RecipientState:
     DELIVERED = "delivered"  # in a local mailbox
     RELAYED = "relayed"  # accepted by the next operator
     FAILED = "failed"  # given up
+    QUARANTINED = "quarantined"  # the entry is corrupt (body missing or altered): set aside, not retried
     # Final, with a delivery status notification still to send (mailserver.reports):
     DSN_DELIVERED = "dsn_delivered"
     DSN_RELAYED = "dsn_relayed"
@@ -74,12 +80,25 @@ def new_queue_id() -> str:
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
 
 
+def quarantine_in(conn: sa.Connection, queue_id: str, reason: str, now: dt.datetime | None = None) -> int:
+    """Set aside every recipient of `queue_id` still waiting (leased or not); returns how many."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    result = conn.execute(
+        sa.update(queue_recipients)
+        .where(queue_recipients.c.message_id == queue_id, queue_recipients.c.state == RecipientState.QUEUED)
+        .values(state=RecipientState.QUARANTINED, lease_owner=None, lease_expires=None, updated_at=now,
+                last_error=f"4.3.0 queue entry corrupt: body {reason}"[:500])
+    )
+    return result.rowcount
+
+
 class Queue:
     def __init__(self, writer: Writer, blobs: BlobStore, *, node: str | None = None) -> None:
         self.writer = writer
         self.blobs = blobs
         self.node = node or f"{os.uname().nodename}:{os.getpid()}"
         self._subscribers: list[asyncio.Event] = []
+        self.quarantined = 0
 
     def subscribe(self) -> asyncio.Event:
         """An event set whenever work may be due (a message was queued, a state changed)."""
@@ -128,6 +147,16 @@ class Queue:
         self.notify()
         return queue_id
 
+    async def quarantine(self, queue_id: str, blob: str, reason: str) -> int:
+        """Set a corrupt entry aside: its file first (so that no new message of the same bytes can be
+        taken for it), then its waiting recipients. Idempotent; returns the recipients set aside."""
+        moved = await asyncio.to_thread(self.blobs.quarantine, blob)
+        count = await self.writer.run(lambda conn: quarantine_in(conn, queue_id, reason))
+        self.quarantined += count
+        log.error("event=quarantined queue_id=%s reason=%s recipients=%d file=%s", queue_id, reason, count,
+                  f"quarantine/{moved.name}" if moved else "none")
+        return count
+
 
 class QueueWorker(abc.ABC):
     """A loop woken by the queue (and every `poll` seconds) that runs `run_once` until stopped.
@@ -138,6 +167,9 @@ class QueueWorker(abc.ABC):
 
     name = "queue-worker"
     batch = 0  # run again at once when run_once returns at least this much (0: never)
+    # Seconds between two runs at least: a worker whose work is not urgent gathers the wake-ups of a burst
+    # (one per accepted message) into one run instead of a database round per message.
+    min_interval = 0.0
 
     def __init__(self, queue: Queue, *, poll: float = 1.0) -> None:
         self.queue = queue
@@ -169,6 +201,8 @@ class QueueWorker(abc.ABC):
                 done = 0
             if self.batch and done >= self.batch:
                 continue
+            if self.min_interval and not self._stopping:
+                await asyncio.sleep(self.min_interval)
             try:
                 await asyncio.wait_for(self.wakeup.wait(), timeout=self.poll)
             except asyncio.TimeoutError:

@@ -6,7 +6,8 @@ Only operators of the whitelist may hand us mail, and only for our own mailboxes
   subject DN must be the one whitelisted for the MAIL FROM domain (for the null reverse-path of a
   report: the DN of any whitelisted operator) — otherwise `550 5.7.1`, logged and audited;
 - recipients must be local mailboxes (`550 5.1.1` unknown, `550 5.7.1` not ours: no open relay);
-- a message with more than `max_hops` Received fields is a loop (`554 5.4.6`, RFC 5321 §6.3).
+- a message with more than `max_hops` Received fields is a loop (`554 5.4.6`, RFC 5321 §6.3);
+- a header beyond the size and count caps of mailserver.headers is refused (`552 5.3.4`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from crypto.validation import CertificateRejected, CertificateValidator
 from directory.store import DirectoryStore
 from mailserver import policy, replies
 from mailserver.audit_api import AuditEvent, AuditSink
+from mailserver.headers import header_limits
 from mailserver.mdn import report_kind
 from mailserver.queue import Envelope, Queue, Recipient, new_queue_id
 from mailserver.replies import Reply
@@ -122,6 +124,8 @@ class RelayHandler:
         if policy.has_bare_line_ending(content):
             return str(replies.BARE_LINE_ENDING)
         header = content.split(b"\r\n\r\n", 1)[0]
+        if header_limits(header) is not None:  # what every later parser may read (docs/security.md row 14)
+            return str(replies.HEADER_TOO_LARGE)
         hops = len(_RECEIVED.findall(header))
         if hops >= self.settings.max_hops:
             log.warning("event=loop_detected peer=%s hops=%d", _peer(session), hops)

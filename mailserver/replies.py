@@ -46,6 +46,7 @@ BARE_LINE_ENDING = Reply(550, "5.5.2", "Message refused: bare CR or LF in messag
 FROM_NOT_OWNED = Reply(550, "5.7.1", "From: header is not a mailbox of the authenticated user")
 FROM_MISSING = Reply(550, "5.6.0", "Message has no valid From: header")
 HEADER_MALFORMED = Reply(550, "5.6.0", "Message header is malformed")
+HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header too large: too many fields or a field too long")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 
 
@@ -57,6 +58,12 @@ def internal_error() -> tuple[Reply, str]:
     """A temporary failure with an opaque reference for the log."""
     ref = secrets.token_hex(6).upper()
     return Reply(451, "4.3.0", f"Internal error, reference {ref}"), ref
+
+
+def storage_full() -> tuple[Reply, str]:
+    """RFC 5321 §4.2.3 / RFC 3463 4.3.1: no room to store the message now (disk or database full)."""
+    ref = secrets.token_hex(6).upper()
+    return Reply(452, "4.3.1", f"Insufficient system storage, try again later, reference {ref}"), ref
 
 
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")

@@ -34,7 +34,7 @@ from crypto.tls import client_context
 from crypto.validation import CertificateRejected, CertificateValidator
 from mailserver.audit import append_in
 from mailserver.audit_api import AuditEvent
-from mailserver.blobs import BlobStore
+from mailserver.blobs import BlobStore, CorruptBlob
 from mailserver.dsn import Action, parse_notify, should_report
 from mailserver.queue import Queue, QueueWorker, RecipientState
 from mailserver.schema import queue_messages, queue_recipients
@@ -87,7 +87,7 @@ class Claimed:
 class Outcome:
     """What one attempt did for one recipient."""
 
-    kind: str  # "delivered" | "temporary" | "permanent"
+    kind: str  # "delivered" | "temporary" | "permanent" | "quarantined" (the queue entry is corrupt)
     reply: str  # the peer's reply or our diagnostic, log-safe
     dsn_capable_peer: bool = False
     uncertain: bool = False
@@ -150,6 +150,8 @@ def record_outcomes_in(conn: sa.Connection, results: list[tuple[Claimed, Outcome
                        owner: str, now: dt.datetime | None = None) -> None:
     now = now or dt.datetime.now(dt.timezone.utc)
     for item, outcome in results:
+        if outcome.kind == "quarantined":
+            continue  # set aside already (Queue.quarantine), lease released
         values: dict[str, Any] = dict(lease_owner=None, lease_expires=None, updated_at=now,
                                       last_error=outcome.reply[:500] or None)
         expired = now - item.received_at > dt.timedelta(seconds=settings.max_lifetime)
@@ -174,6 +176,16 @@ def record_outcomes_in(conn: sa.Connection, results: list[tuple[Claimed, Outcome
             values["uncertain"] = True
         conn.execute(sa.update(queue_recipients).where(
             queue_recipients.c.id == item.recipient_id, queue_recipients.c.lease_owner == owner).values(**values))
+
+
+def _peer_certificate(smtp: aiosmtplib.SMTP) -> tuple[bytes | None, str]:
+    """The peer's certificate (DER), or None and why not. Call it on the event loop's thread."""
+    ssl_object = smtp.transport.get_extra_info("ssl_object") if smtp.transport else None
+    try:
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    except ValueError:  # the TLS session is gone (peer closed during the handshake)
+        return None, "TLS session not established"
+    return (der, "") if der else (None, "no certificate")
 
 
 def _log_safe(text: str) -> str:
@@ -210,7 +222,7 @@ class RemoteDelivery(QueueWorker):
         flat = [pair for group in results for pair in group]
         await self.queue.writer.run(lambda c: record_outcomes_in(c, flat, self.settings, self.owner))
         self.relayed += sum(1 for _, o in flat if o.kind == "delivered")
-        if any(o.kind != "temporary" for _, o in flat):
+        if any(o.kind not in ("temporary", "quarantined") for _, o in flat):
             self.queue.notify()  # reports may be due
         return len(claimed)
 
@@ -249,7 +261,11 @@ class RemoteDelivery(QueueWorker):
                 return [(i, Outcome("temporary", "451 4.4.3 MX lookup failed")) for i in items]
             if not hops:
                 return [(i, Outcome("permanent", "550 5.1.2 domain has no mail exchanger")) for i in items]
-            data = await asyncio.to_thread(self.blobs.get, items[0].blob)
+            try:
+                data = await asyncio.to_thread(self.blobs.get_verified, items[0].blob)
+            except CorruptBlob as exc:
+                await self.queue.quarantine(items[0].queue_id, items[0].blob, exc.reason)
+                return [(i, Outcome("quarantined", f"4.3.0 queue entry corrupt: body {exc.reason}")) for i in items]
             last: list[tuple[Claimed, Outcome]] = []
             for hop in hops:
                 last = await self._attempt(hop, domain, items, data)
@@ -270,7 +286,12 @@ class RemoteDelivery(QueueWorker):
             return [(i, Outcome("temporary", f"4.4.1 cannot reach {where} over TLS ({type(exc).__name__})"))
                     for i in items]
         try:
-            refusal = await asyncio.to_thread(self._check_peer, smtp, domain)
+            # The certificate is read on the loop's thread: the loop may be reading on this TLS object at
+            # any moment (TLS 1.3 session tickets follow the handshake) and an OpenSSL object is not
+            # thread-safe — read from a worker thread, it sometimes said "handshake not done yet".
+            der, refusal = _peer_certificate(smtp)
+            if der is not None:
+                refusal = await asyncio.to_thread(self._check_peer, der, domain)
             if refusal:
                 log.warning("event=relay_peer_refused hop=%s domain=%s reason=%s", where, domain, refusal)
                 return [(i, Outcome("temporary", f"4.7.5 peer certificate refused: {refusal}")) for i in items]
@@ -281,14 +302,7 @@ class RemoteDelivery(QueueWorker):
             except Exception:  # noqa: BLE001 - the session is over either way
                 smtp.close()
 
-    def _check_peer(self, smtp: aiosmtplib.SMTP, domain: str) -> str:
-        ssl_object = smtp.transport.get_extra_info("ssl_object") if smtp.transport else None
-        try:
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        except ValueError:  # the TLS session is gone (peer closed during the handshake)
-            return "TLS session not established"
-        if not der:
-            return "no certificate"
+    def _check_peer(self, der: bytes, domain: str) -> str:
         try:
             self.validator.validate(der, usage=ExtendedKeyUsageOID.SERVER_AUTH)
         except CertificateRejected as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email.utils
+import errno
 import logging
 import re
 import ssl
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import MISSING, SMTP, Envelope as SmtpEnvelope, syntax
 
 from mailserver import replies
-from mailserver.dsn import parse_notify, parse_orcpt, xtext_decode
+from mailserver.dsn import parse_notify, parse_orcpt, validate_envid
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class _LibraryNoise(logging.Filter):
 logging.getLogger("mail.log").addFilter(_LibraryNoise())
 
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")  # RFC 5321 §4.1.2
+_REPLY_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but HT
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,12 @@ class CaduceeSMTP(SMTP):
         handler.connections.add(self)
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str) and not self._in_ehlo:
-            status = replies.with_enhanced_code(status)
+        if isinstance(status, str):
+            # RFC 5321 §4.2 (textstring): aiosmtpd echoes an unknown verb; a CR, NUL or escape in it would
+            # make a malformed reply (found by tests/fuzz).
+            status = _REPLY_UNSAFE.sub("?", status)
+            if not self._in_ehlo:
+                status = replies.with_enhanced_code(status)
         await super().push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -119,12 +125,91 @@ class CaduceeSMTP(SMTP):
         finally:
             self._in_ehlo = False
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         self.in_data = True
         try:
-            await super().smtp_DATA(arg)
+            await self._data(arg)
+        except Exception:
+            # RFC 5321 §4.1.1.4: the end of data ends the transaction whatever the reply. aiosmtpd resets
+            # the envelope only when the DATA hook returns; after a hook that raised (answered 451 by
+            # handle_exception) the next MAIL would get "503 Nested MAIL command".
+            self._set_post_data_state()
+            raise
         finally:
             self.in_data = False
+
+    async def _data(self, arg: str) -> None:
+        """aiosmtpd's DATA, reading the message in blocks instead of line by line.
+
+        aiosmtpd awaits every line of the message (a 5 KB message is 70 awaits); here the buffered bytes are
+        taken as they come and searched for the end of data, which is several times cheaper on the event
+        loop. The semantics are aiosmtpd's: only CRLF "." CRLF ends the data (a bare LF or CR never does:
+        those are refused later, policy.has_bare_line_ending); a line starting with "." loses that dot
+        (RFC 5321 §4.5.2); a line longer than `line_length_limit` gets `500` and more than
+        `data_size_limit` bytes `552`, each once the end of data has arrived (RFC 5321 §4.2.5), with the
+        excess discarded as it comes so that memory stays bounded.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        limit = self.data_size_limit
+        # The data as if preceded by CRLF, so that an empty message (".\r\n" at once) ends like any other.
+        buf = bytearray(b"\r\n")
+        scanned = 0  # buf[:scanned] holds no terminator (the last 4 bytes are searched again)
+        dropped = 0  # bytes discarded beyond the size limit
+        too_much = False
+        reader = self._reader
+        while True:
+            end = buf.find(b"\r\n.\r\n", max(0, scanned - 4))
+            if end >= 0:
+                break
+            scanned = len(buf)
+            if limit and len(buf) - 2 + dropped > limit:
+                too_much = True
+                dropped += len(buf) - 6  # keep the last 4 bytes: a terminator may straddle two blocks
+                del buf[2:-4]
+                scanned = len(buf)
+            if self.transport is None:
+                return
+            try:
+                chunk = await reader.read(65536)
+            except asyncio.CancelledError:
+                log.info("event=connection_lost_in_data")
+                self._writer.close()
+                raise
+            if not chunk:  # end of stream: the client is gone, nothing was accepted
+                return
+            buf += chunk
+        rest = bytes(buf[end + 5:])
+        if rest:  # pipelined commands after the end of data: back to the reader, in order
+            reader._buffer[0:0] = rest  # type: ignore[attr-defined]
+        if too_much or (limit and end + dropped > limit):
+            await self.push("552 Error: Too much mail data")
+            self._set_post_data_state()
+            return
+        # Dot-unstuffing, then without the leading CRLF and the terminator's dot line.
+        original_content = bytes(buf[:end + 2]).replace(b"\r\n.", b"\r\n")[2:]
+        del buf
+        if self.line_length_limit and original_content and max(
+                map(len, original_content.split(b"\r\n"))) + 2 > self.line_length_limit:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+            self._set_post_data_state()
+            return
+        self.envelope.content = original_content
+        self.envelope.original_content = original_content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     def connection_lost(self, error: Exception | None) -> None:
         self.event_handler.connections.discard(self)
@@ -162,6 +247,17 @@ class CaduceeSMTP(SMTP):
             f"Received: from {helo} ([{peer_ip}])\r\n\tby {hostname} ({IDENT}) with {protocol}"
             f" id {queue_id}{tls_info};\r\n\t{date}\r\n"
         ).encode("ascii", errors="replace")
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        """RFC 5321 §3.5.3: 252 without parsing nor echoing the argument (no address harvesting). aiosmtpd's
+        parser raised IndexError on `VRFY "` and echoed what it could not parse (found by tests/fuzz)."""
+        if await self.check_auth_needed("VRFY"):
+            return
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        await self.push("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
 
     # -- MAIL and RCPT (RFC 5321 §4.1.1.2–3, RFC 1870, RFC 6152, RFC 6531, RFC 3461 §4) --
 
@@ -207,11 +303,11 @@ class CaduceeSMTP(SMTP):
             await self.push("501 5.5.4 RET must be FULL or HDRS")
             return
         if envid is not None:
+            # RFC 3461 §4.4: xtext of 1–100 printable US-ASCII characters. A decoded CR, LF or NUL was
+            # accepted here and then refused by build_dsn, which stalled every report behind it.
             try:
-                decoded = xtext_decode(envid)
+                validate_envid(envid)
             except ValueError:
-                decoded = None
-            if decoded is None or len(decoded) > 100:
                 await self.push("501 5.5.4 Invalid ENVID")
                 return
         if params:
@@ -291,15 +387,51 @@ async def shutdown(registry: ConnectionRegistry, servers: list[asyncio.base_even
     while any(c.in_data for c in registry.connections) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
     for conn in list(registry.connections):
+        if conn.transport is not None and not conn.transport.is_closing():
+            # RFC 5321 §3.8: a session still sending its message when the grace is over gets 421 too
+            # (the message was not acknowledged: the client keeps it and retries).
+            try:
+                await asyncio.wait_for(conn.push(str(replies.SHUTTING_DOWN)), 2)
+            except Exception:  # noqa: BLE001 - the peer may be gone already; we are closing anyway
+                pass
         if conn.transport is not None:
             conn.transport.close()
 
 
+def is_storage_full(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) says the disk or the database is full: ENOSPC/EDQUOT from the
+    filesystem, SQLITE_FULL from SQLite, SQLSTATE 53100 (disk_full) from PostgreSQL."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(exc, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+            return True
+        if getattr(exc, "sqlstate", None) == "53100":
+            return True
+        orig = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's exception
+        todo += [orig if isinstance(orig, BaseException) else None, exc.__cause__, exc.__context__]
+    return False
+
+
 def opaque_exception_reply(error: BaseException, logger: logging.Logger) -> str:
-    """`451 4.3.0` with a reference; the log gets where it failed, never the exception's text."""
+    """`451 4.3.0` (`452 4.3.1` when storage is full) with a reference; the log gets where it failed,
+    never the exception's text."""
     import traceback
 
-    reply, ref = replies.internal_error()
+    from aiosmtpd.smtp import TLSSetupException
+
+    if isinstance(error, TLSSetupException):
+        # A client that gave up during the STARTTLS handshake (or spoke something else): its connection
+        # is closed and nothing was accepted; not an error of ours.
+        logger.info("event=tls_handshake_failed error=%s", type(error.__cause__ or error).__name__)
+        return str(replies.internal_error()[0])
+    reply, ref = replies.storage_full() if is_storage_full(error) else replies.internal_error()
     where = " < ".join(
         f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}:{frame.name}"
         for frame in reversed(traceback.extract_tb(error.__traceback__))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import ssl
 import warnings
@@ -92,7 +91,7 @@ class SubmissionHandler:
         else:
             try:
                 authzid = base64.b64decode(response, validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
+            except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII input (found by tests/fuzz)
                 await server.push(str(replies.AUTH_SYNTAX))
                 return AuthResult(success=False, handled=True)
         tls_object = server.tls_ssl_object

@@ -534,6 +534,10 @@ def parse_whitelist(data: bytes) -> Whitelist:
         raise TrustListError(
             [f"not well-formed XML: {expat.ErrorString(exc.code)} at line {exc.lineno}, column {exc.offset}"]
         ) from None
+    except (LookupError, ValueError):
+        # An encoding declaration expat hands to Python's codecs: unknown ("bogus"), not a text encoding
+        # ("rot13"), multi-byte ("utf-7") or failing ("idna"). Found by tests/fuzz.
+        raise TrustListError(["not well-formed XML: unsupported encoding declaration"]) from None
 
     if root.tag == f"{{{NAMESPACE}}}{ROOT}":
         ns = f"{{{NAMESPACE}}}"

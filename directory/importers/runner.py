@@ -343,7 +343,9 @@ def read_lines(fh: Iterable[bytes], width: int, parser: Parser, report: Report, 
                 lines += 1
                 parts = text.split("|")
                 count = len(parts)
-                if count == width:
+                if "\x00" in text:  # PostgreSQL text cannot hold it: the COPY of the whole import would fail
+                    report.reject(line_no, f"NUL character at column {text.index(chr(0)) + 1}")
+                elif count == width:
                     parts.append("")  # no trailing `|`: add the empty field that absent columns read
                     feed(line_no, parts)
                 elif count == width + 1 and not parts[-1]:

@@ -78,3 +78,51 @@ def test_no_report_to_the_null_sender(engines: tuple[sa.Engine, Writer], tmp_pat
         states = conn.execute(sa.select(queue_recipients.c.state).order_by(queue_recipients.c.id)).scalars().all()
     assert kinds == [None, None]
     assert states == [RecipientState.DELIVERED, RecipientState.FAILED]
+
+
+def test_a_report_that_cannot_be_built_does_not_hold_back_the_others(engines: tuple[sa.Engine, Writer],
+                                                                     tmp_path: Path) -> None:
+    """Regression (docs/security.md row 12): an ENVID decoding to CR LF was accepted at MAIL and refused by
+    build_dsn; the ValueError failed the whole batch at every run, so no report queued after it was ever
+    sent. Such an entry is now settled without a report and the others go out."""
+    read, _ = engines
+    queue, delivery, reports = _setup(engines, tmp_path)
+
+    async def main() -> None:
+        await queue.enqueue(Envelope(f"camille@{DOMAIN}", (Recipient(f"louis@{DOMAIN}", "SUCCESS"),),
+                                     envid="a+0D+0AX-Injected:+20yes"), BODY)
+        await queue.enqueue(Envelope(f"camille@{DOMAIN}", (Recipient(f"louis@{DOMAIN}", "SUCCESS"),),
+                                     envid="good", header_message_id="<cr-1@a.test>"), BODY)
+        await delivery.run_once()
+        assert await reports.run_once() == 1
+        assert await reports.run_once() == 0
+
+    asyncio.run(main())
+    with read.connect() as conn:
+        states = conn.execute(sa.select(queue_recipients.c.state).order_by(queue_recipients.c.id)).scalars().all()
+        kinds = conn.execute(sa.select(queue_messages.c.report_kind, queue_messages.c.envid)
+                             .order_by(queue_messages.c.received_at)).all()
+    assert states[:2] == [RecipientState.DELIVERED, RecipientState.DELIVERED]
+    assert [k for k, _ in kinds] == [None, None, "dsn"]
+
+
+def test_a_report_about_a_vanished_body_is_still_sent(engines: tuple[sa.Engine, Writer], tmp_path: Path) -> None:
+    """The original's body went missing after delivery (a corrupt entry, a lost file): the success report is
+    still owed and sent, without the original's headers, and the reports behind it are not held back."""
+    read, _ = engines
+    queue, delivery, reports = _setup(engines, tmp_path)
+
+    async def main() -> None:
+        await queue.enqueue(Envelope(f"camille@{DOMAIN}", (Recipient(f"louis@{DOMAIN}", "SUCCESS"),),
+                                     header_message_id="<cr-1@a.test>"), BODY)
+        await delivery.run_once()
+        reports.blobs.path(reports.blobs.put_durable(BODY)).unlink()  # the queued body is gone
+        assert await reports.run_once() == 1
+        assert await reports.run_once() == 0
+
+    asyncio.run(main())
+    with read.connect() as conn:
+        msgs = conn.execute(sa.select(queue_messages).order_by(queue_messages.c.received_at)).all()
+    assert [m.report_kind for m in msgs] == [None, "dsn"]
+    report = reports.blobs.get(msgs[1].blob)
+    assert b"Action: delivered" in report and b"Subject: CR" not in report
