@@ -207,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also delivered, relayed and failed recipients")
     p.set_defaults(func=cmd_queue_list)
 
-    from caducee import cli_directory, cli_mdn, cli_trust
+    from caducee import cli_bench, cli_directory, cli_mdn, cli_trust
 
+    cli_bench.register(sub, state)
     cli_directory.register(sub, state)
     cli_trust.register(sub, state)
     cli_mdn.register(sub, state)

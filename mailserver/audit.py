@@ -16,7 +16,7 @@ from typing import Iterator
 import sqlalchemy as sa
 
 from mailserver.audit_api import AuditEvent
-from mailserver.db import Writer
+from mailserver.db import Writer, defer_in
 from mailserver.schema import audit_log
 
 GENESIS = "0" * 64
@@ -38,6 +38,19 @@ def chain_hash(prev_hash: str, canonical: bytes) -> str:
     return hashlib.sha256(prev_hash.encode() + canonical).hexdigest()
 
 
+@dataclass(frozen=True)
+class NewEntry:
+    """An entry to append (`append_many_in`)."""
+
+    event: AuditEvent
+    actor: str
+    protocol: str | None = None
+    mailbox: str | None = None
+    message_id: str | None = None
+    detail: dict[str, str] | None = None
+    at: dt.datetime | None = None
+
+
 def append_in(
     conn: sa.Connection,
     event: AuditEvent,
@@ -49,20 +62,35 @@ def append_in(
     detail: dict[str, str] | None = None,
     at: dt.datetime | None = None,
 ) -> None:
-    """Append one entry inside the caller's transaction (so the event commits with what it records)."""
+    """Append one entry inside the caller's transaction (so the event commits with what it records).
+
+    In a writer batch the entries of every job are appended together at the end of the batch, in job
+    order (`db.defer_in`): one read of the chain's end and one insert per batch, not per message."""
+    entry = NewEntry(event, actor, protocol, mailbox, message_id, detail, at or dt.datetime.now(dt.timezone.utc))
+    if not defer_in(conn, "audit", append_many_in, entry):
+        append_many_in(conn, [entry])
+
+
+def append_many_in(conn: sa.Connection, new: list[NewEntry]) -> None:
+    """Append entries in order inside the caller's transaction: one read of the chain's end, one insert."""
+    if not new:
+        return
     if conn.dialect.name == "postgresql":
         # Several nodes append to one chain: serialise them (released at commit).
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(7223372036)"))
-    at = at or dt.datetime.now(dt.timezone.utc)
-    detail_json = json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False) if detail else None
-    prev = conn.execute(_LAST_HASH).scalar()
-    prev_hash = prev or GENESIS
-    digest = chain_hash(prev_hash, _canonical(at, event.value, actor, protocol, mailbox, message_id, detail_json))
-    conn.execute(
-        _INSERT_ENTRY,
-        dict(at=at, event=event.value, actor=actor, protocol=protocol, mailbox=mailbox,
-             message_id=message_id, detail=detail_json, prev_hash=prev_hash, hash=digest),
-    )
+    prev_hash = conn.execute(_LAST_HASH).scalar() or GENESIS
+    rows = []
+    now = dt.datetime.now(dt.timezone.utc)
+    for e in new:
+        at = e.at or now
+        detail_json = (json.dumps(e.detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                       if e.detail else None)
+        digest = chain_hash(prev_hash, _canonical(at, e.event.value, e.actor, e.protocol, e.mailbox, e.message_id,
+                                                  detail_json))
+        rows.append(dict(at=at, event=e.event.value, actor=e.actor, protocol=e.protocol, mailbox=e.mailbox,
+                         message_id=e.message_id, detail=detail_json, prev_hash=prev_hash, hash=digest))
+        prev_hash = digest
+    conn.execute(_INSERT_ENTRY, rows)
 
 
 class AuditTrail:

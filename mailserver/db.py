@@ -1,8 +1,9 @@
 """Database engines and the single writer that commits concurrent work together (group commit).
 
-Every write of the servers goes through one `Writer`: a thread that takes all jobs waiting, runs each in
-its own savepoint inside one transaction, commits once, then resolves each job's future. A job that fails
-rolls back its savepoint only; the others commit. One fsync serves every message accepted in the same
+Every write of the servers goes through one `Writer`: a thread that takes all jobs waiting, runs them in
+one transaction, commits once, then resolves each job's future. A job that fails is alone in failing:
+the batch is then run again with a savepoint per job, and the others commit. So a job may run twice:
+it must act on the database only (its connection), never on other state. One fsync serves every message accepted in the same
 batch, which is how a Python server out-runs one fsync per message (DESIGN.md §3).
 """
 
@@ -64,6 +65,25 @@ class _Pending:
     result: Any = None
     error: BaseException | None = None
     callbacks: list[Callable[[], None]] = field(default_factory=list)
+
+
+_DEFERRED = "caducee.deferred"
+
+
+def defer_in(conn: sa.Connection, key: str, flush: Callable[[sa.Connection, list[Any]], None], item: Any) -> bool:
+    """Leave `item` to be written by `flush(conn, items)` once, at the end of the writer's batch, with the
+    items of every other job of the batch under the same `key`, in job order (one statement for the batch
+    instead of one per job; what a failed job deferred is dropped with it). False when `conn` is not a
+    writer batch: the caller writes at once."""
+    pending: dict[str, tuple[Callable[[sa.Connection, list[Any]], None], list[Any]]] | None = conn.info.get(_DEFERRED)
+    if pending is None:
+        return False
+    pending.setdefault(key, (flush, []))[1].append(item)
+    return True
+
+
+class _JobFailed(Exception):
+    """A job failed on the fast path: run the batch again with savepoints."""
 
 
 class Writer:
@@ -137,30 +157,74 @@ class Writer:
             self._run_batch(batch)
 
     def _run_batch(self, batch: list[_Pending]) -> None:
+        # Optimistic: every job in one transaction without savepoints (two statements fewer per job). If
+        # a job fails, that transaction is rolled back and the batch runs again with a savepoint per job,
+        # so that only the failing job is lost. Jobs only touch the database, so running them twice is
+        # safe: the first run left nothing behind.
+        if not self._attempt(batch, savepoints=False):
+            self._attempt(batch, savepoints=True)
+        self.batches += 1
+        self.jobs += len(batch)
+        for pending in batch:
+            self._resolve(pending)
+
+    def _attempt(self, batch: list[_Pending], *, savepoints: bool) -> bool:
+        """Run the batch in one transaction; False (rolled back, nothing settled) when a job failed on the
+        fast path."""
+        for pending in batch:
+            pending.result, pending.error = None, None
         try:
             with self.engine.begin() as conn:
                 hooks: dict[tuple[int, str], Callable[[], None]] = {}
-                for pending in batch:
-                    try:
-                        with conn.begin_nested():
-                            pending.result = pending.job(conn)
-                    except Exception as exc:  # noqa: BLE001 - one job's failure must not sink the batch
-                        pending.error = exc
-                        continue
-                    hook = pending.before_commit
-                    if hook is not None:  # bound methods are new objects each time: key on owner + name
-                        hooks.setdefault((id(getattr(hook, "__self__", hook)), getattr(hook, "__name__", "")), hook)
+                deferred: dict[str, tuple[Callable[[sa.Connection, list[Any]], None], list[Any]]] = {}
+                conn.info[_DEFERRED] = deferred
+                try:
+                    self._jobs(conn, batch, hooks, deferred, savepoints)
+                finally:
+                    # The connection goes back to the pool: nobody else may defer into this batch.
+                    conn.info.pop(_DEFERRED, None)
+                for flush, items in deferred.values():
+                    if items:
+                        flush(conn, items)
                 for hook in hooks.values():
                     hook()  # raising here rolls the whole batch back: nothing is acknowledged
+        except _JobFailed as failed:
+            if len(batch) == 1:  # alone in its batch: the rollback was all a savepoint would have done
+                batch[0].error = failed.__cause__
+                return True
+            return False
         except Exception as exc:  # noqa: BLE001 - the commit itself failed: nothing in the batch is durable
             log.error("event=commit_failed jobs=%d error=%s", len(batch), type(exc).__name__)
             for pending in batch:
                 pending.error = pending.error or exc
                 pending.result = None
-        self.batches += 1
-        self.jobs += len(batch)
+        return True
+
+    @staticmethod
+    def _jobs(conn: sa.Connection, batch: list[_Pending], hooks: dict[tuple[int, str], Callable[[], None]],
+              deferred: dict[str, tuple[Callable[[sa.Connection, list[Any]], None], list[Any]]],
+              savepoints: bool) -> None:
         for pending in batch:
-            self._resolve(pending)
+            marks = {key: len(items) for key, (_, items) in deferred.items()}
+            try:
+                if savepoints:
+                    with conn.begin_nested():
+                        pending.result = pending.job(conn)
+                else:
+                    pending.result = pending.job(conn)
+            except Exception as exc:  # noqa: BLE001 - one job's failure must not sink the batch
+                if not savepoints:
+                    raise _JobFailed from exc
+                pending.error = exc
+                for key in list(deferred):  # what the failed job deferred goes with it
+                    if key in marks:
+                        del deferred[key][1][marks[key]:]
+                    else:
+                        del deferred[key]
+                continue
+            hook = pending.before_commit
+            if hook is not None:  # bound methods are new objects each time: key on owner + name
+                hooks.setdefault((id(getattr(hook, "__self__", hook)), getattr(hook, "__name__", "")), hook)
 
     @staticmethod
     def _resolve(pending: _Pending) -> None:

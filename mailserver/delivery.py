@@ -16,13 +16,13 @@ from typing import Any, Callable
 import sqlalchemy as sa
 
 from directory.schema import mailboxes
-from mailserver.audit import append_in
+from mailserver.audit import NewEntry, append_many_in
 from mailserver.audit_api import AuditEvent
-from mailserver.blobs import BlobStore
+from mailserver.blobs import BlobStore, CorruptBlob
 from mailserver.queue import Queue, QueueWorker, RecipientState
 from mailserver.schema import queue_messages, queue_recipients
 from mailserver.reports import record_report_in
-from mailserver.store import SqlMailStore, deliver_in
+from mailserver.store import INBOX, INSERT_MESSAGE, SqlMailStore, folder_id_in, next_uid
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +58,47 @@ def _due_query(local_domains: frozenset[str], now: dt.datetime, limit: int) -> s
 
 
 def prepare_final_blobs(engine: sa.Engine, blobs: BlobStore, local_domains: frozenset[str],
-                        limit: int = BATCH) -> dict[str, tuple[str, int]]:
+                        limit: int = BATCH, corrupt: dict[str, tuple[str, str]] | None = None,
+                        ) -> dict[str, tuple[str, int]]:
     """The message as it will rest in the mailbox, with its Return-Path (RFC 5321 §4.4: added at final
-    delivery), for each message due locally: queue id → (blob, size). Read-only on the database."""
+    delivery), for each message due locally: queue id → (blob, size). Read-only on the database.
+
+    A queued body that is missing or altered is left out, and named in `corrupt` (queue id → (blob,
+    reason)) for the caller to quarantine."""
     now = dt.datetime.now(dt.timezone.utc)
     with engine.connect() as conn:
         rows = conn.execute(_due_query(local_domains, now, limit)).all()
     out: dict[str, tuple[str, int]] = {}
     for row in rows:
-        if row.message_id in out:
+        if row.message_id in out or (corrupt is not None and row.message_id in corrupt):
             continue
-        data = f"Return-Path: <{row.mail_from}>\r\n".encode("utf-8", errors="replace") + blobs.get(row.blob)
+        try:
+            body = blobs.get_verified(row.blob)
+        except CorruptBlob as exc:
+            if corrupt is None:
+                raise
+            corrupt[row.message_id] = (row.blob, exc.reason)
+            continue
+        data = f"Return-Path: <{row.mail_from}>\r\n".encode("utf-8", errors="replace") + body
         out[row.message_id] = (blobs.put(data), len(data))
     return out
+
+
+_MARK = (
+    sa.update(queue_recipients)
+    .where(queue_recipients.c.id == sa.bindparam("b_id"))
+    .values(state=sa.bindparam("b_state"), attempts=queue_recipients.c.attempts + 1,
+            last_attempt_at=sa.bindparam("b_now"), updated_at=sa.bindparam("b_now"))
+)
+_FAIL = (
+    sa.update(queue_recipients)
+    .where(queue_recipients.c.id == sa.bindparam("b_id"))
+    .values(state=RecipientState.FAILED, last_error="5.1.1 mailbox unavailable", updated_at=sa.bindparam("b_now"))
+)
+_SERVED_MAILBOXES = sa.select(mailboxes.c.id, mailboxes.c.address).where(
+    mailboxes.c.address.in_(sa.bindparam("addresses", expanding=True)), mailboxes.c.active.is_(True),
+    mailboxes.c.hosted.is_(True),  # the national file lists other operators' mailboxes too
+)
 
 
 def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: int = BATCH,
@@ -83,49 +111,61 @@ def deliver_due_in(conn: sa.Connection, local_domains: frozenset[str], limit: in
     A recipient whose sender asked NOTIFY=SUCCESS is left with a success report to send (the
     "accusé de réception", mailserver.reports). A delivered report (DSN or MDN) is also recorded against
     the message it reports on (`delivery_reports`), when `read_blob` is given.
+
+    The whole batch takes a fixed number of statements (one mailbox lookup, one UID allocation per
+    folder, one insert of every mailbox entry, one update of every recipient, one audit append), not a
+    number per message: this runs on the single writer thread, where each statement delays every commit.
     """
     now = dt.datetime.now(dt.timezone.utc)
     due = conn.execute(
         _due_query(local_domains, now, limit).with_for_update(skip_locked=True, of=queue_recipients)
     ).all()
-    done: list[Delivered] = []
-    for row in due:
-        domain = row.rcpt.rpartition("@")[2].lower()
-        if domain not in local_domains:
-            continue  # remote recipients belong to the relay
-        if final_blobs is not None and row.message_id not in final_blobs:
-            continue  # arrived after the preparation: next round
-        mailbox = conn.execute(
-            sa.select(mailboxes.c.id, mailboxes.c.address).where(
-                mailboxes.c.address == row.rcpt.lower(), mailboxes.c.active.is_(True),
-                mailboxes.c.hosted.is_(True),  # the national file lists other operators' mailboxes too
-            )
-        ).first()
-        if mailbox is None:
-            # The mailbox was closed after the recipient was accepted.
-            conn.execute(
-                sa.update(queue_recipients).where(queue_recipients.c.id == row.id).values(
-                    state=RecipientState.FAILED, last_error="5.1.1 mailbox unavailable", updated_at=now)
-            )
+    rows = [row for row in due
+            if row.rcpt.rpartition("@")[2].lower() in local_domains  # remote recipients belong to the relay
+            and (final_blobs is None or row.message_id in final_blobs)]  # else prepared next round
+    if not rows:
+        return []
+    served = {r.address: r.id for r in conn.execute(
+        _SERVED_MAILBOXES, {"addresses": sorted({row.rcpt.lower() for row in rows})})}
+    # The mailbox was closed after the recipient was accepted.
+    closed = [row for row in rows if row.rcpt.lower() not in served]
+    if closed:
+        conn.execute(_FAIL, [{"b_id": row.id, "b_now": now} for row in closed])
+        for row in closed:
             log.info("event=delivery_failed queue_id=%s reason=mailbox_unavailable", row.message_id)
-            continue
-        blob, size = final_blobs[row.message_id] if final_blobs is not None else (row.blob, row.size)
-        folder_id, uid = deliver_in(
-            conn, mailbox.id, blob, size, header_message_id=row.header_message_id,
-            queue_recipient_id=row.id, internaldate=now,
-        )
-        success_report = bool(row.mail_from) and not row.report_kind and "SUCCESS" in (row.notify or "")
-        conn.execute(
-            sa.update(queue_recipients).where(queue_recipients.c.id == row.id).values(
-                state=RecipientState.DSN_DELIVERED if success_report else RecipientState.DELIVERED,
-                attempts=queue_recipients.c.attempts + 1, last_attempt_at=now, updated_at=now)
-        )
-        if row.report_kind and read_blob is not None:
-            record_report_in(conn, read_blob(row.blob), now)
-        append_in(conn, AuditEvent.DELIVER, actor="delivery", protocol="local", mailbox=mailbox.address,
-                  message_id=row.header_message_id, detail={"queue_id": row.message_id}, at=now)
-        done.append(Delivered(row.message_id, mailbox.address, folder_id, uid))
-    return done
+    rows = [row for row in rows if row.rcpt.lower() in served]
+    if not rows:
+        return []
+    by_mailbox: dict[int, list[Any]] = {}
+    for row in rows:
+        by_mailbox.setdefault(served[row.rcpt.lower()], []).append(row)
+    placed: dict[int, tuple[int, int]] = {}  # queue recipient id -> (folder id, uid)
+    entries = []
+    for mailbox_id, group in by_mailbox.items():
+        folder_id = folder_id_in(conn, mailbox_id, INBOX)
+        assert folder_id is not None
+        first_uid = next_uid(conn, folder_id, len(group))
+        for k, row in enumerate(group):
+            blob, size = final_blobs[row.message_id] if final_blobs is not None else (row.blob, row.size)
+            placed[row.id] = (folder_id, first_uid + k)
+            entries.append(dict(folder_id=folder_id, uid=first_uid + k, blob=blob, size=size, internaldate=now,
+                                flags="", header_message_id=row.header_message_id, queue_recipient_id=row.id))
+    conn.execute(INSERT_MESSAGE, entries)
+    conn.execute(_MARK, [
+        {"b_id": row.id, "b_now": now,
+         "b_state": RecipientState.DSN_DELIVERED
+         if bool(row.mail_from) and not row.report_kind and "SUCCESS" in (row.notify or "")
+         else RecipientState.DELIVERED}
+        for row in rows])
+    if read_blob is not None:
+        for row in rows:
+            if row.report_kind:
+                record_report_in(conn, read_blob(row.blob), now)
+    append_many_in(conn, [
+        NewEntry(AuditEvent.DELIVER, actor="delivery", protocol="local", mailbox=row.rcpt.lower(),
+                 message_id=row.header_message_id, detail={"queue_id": row.message_id}, at=now)
+        for row in rows])
+    return [Delivered(row.message_id, row.rcpt.lower(), *placed[row.id]) for row in rows]
 
 
 class LocalDelivery(QueueWorker):
@@ -144,8 +184,11 @@ class LocalDelivery(QueueWorker):
         return len(await self.deliver())
 
     async def deliver(self) -> list[Delivered]:
+        corrupt: dict[str, tuple[str, str]] = {}
         finals = await asyncio.to_thread(prepare_final_blobs, self.store.engine, self.store.blobs,
-                                         self.local_domains)
+                                         self.local_domains, corrupt=corrupt)
+        for queue_id, (blob, reason) in corrupt.items():
+            await self.queue.quarantine(queue_id, blob, reason)  # the rest of the batch goes on
         if not finals:
             return []
         done = await self.queue.writer.run(

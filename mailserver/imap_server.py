@@ -31,6 +31,7 @@ import email.header
 import email.message
 import email.policy
 import email.utils
+import functools
 import hashlib
 import io
 import logging
@@ -62,6 +63,12 @@ from zope.interface import implementer
 
 from crypto.tls import twisted_peer_certificate_der
 from mailserver.audit_api import AuditEvent, AuditSink
+from mailserver.headers import (
+    MAX_COMMENT_DEPTH,
+    comment_depth,
+    decode_encoded_words,
+    strip_comments,
+)
 from mailserver.store_api import FlagMode, FolderInfo, MailStore, StoredMessage
 
 logger = logging.getLogger(__name__)
@@ -118,6 +125,10 @@ MAX_FETCH_ITEMS = 64
 PARSE_CACHE_ENTRIES = 64
 PARSE_CACHE_BYTES = 16 * 1024 * 1024  # per session
 SEARCH_BATCH = 64  # messages evaluated between two returns to the reactor
+# Messages read from the store at a time while a FETCH response is streamed: few enough that a batch's
+# objects are freed before CPython's first garbage-collector generation fills (700 allocations), so a
+# listing of a large folder triggers no collection and promotes nothing to the older generations.
+FETCH_BATCH = 200
 _MAX_NUMBER = 4294967295  # RFC 3501 §9 number / nz-number
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -356,6 +367,13 @@ def render_flags(flags: Iterable[str]) -> bytes:
     return b"(" + b" ".join(f.encode("ascii") for f in sorted_flags(flags)) + b")"
 
 
+@functools.lru_cache(maxsize=1024)
+def _message_flags(flags: frozenset[str], recent: bool) -> bytes:
+    """The FLAGS list of a message, memoised: a folder holds few distinct sets of flags (the store
+    shares one frozenset per distinct set), and a header listing renders one per message."""
+    return render_flags(flags | {RECENT} if recent else flags)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Sequence sets (RFC 3501 §9 sequence-set)
 # ---------------------------------------------------------------------------------------------------------
@@ -408,9 +426,16 @@ class SequenceSet:
 
     def select(self, values: Sequence[int], star: int) -> list[int]:
         """The members of sorted ``values`` inside the set, ascending."""
+        return [values[i] for i in self.select_indices(values, star)]
+
+    def select_indices(self, values: Sequence[int], star: int) -> Sequence[int]:
+        """The positions in sorted ``values`` of the members inside the set, ascending."""
+        spans = [(bisect.bisect_left(values, lo), bisect.bisect_right(values, hi)) for lo, hi in self._bounds(star)]
+        if len(spans) == 1:
+            return range(*spans[0])
         chosen: set[int] = set()
-        for lo, hi in self._bounds(star):
-            chosen.update(values[bisect.bisect_left(values, lo) : bisect.bisect_right(values, hi)])
+        for start, end in spans:
+            chosen.update(range(start, end))
         return sorted(chosen)
 
     def __str__(self) -> str:
@@ -950,14 +975,10 @@ def _trailing_blank(header: bytes) -> bytes:
 
 
 def decode_header_value(raw: bytes) -> str:
-    """RFC 2047 decoding of an unfolded field body; undecodable input is kept as text."""
-    text = raw.decode("utf-8", "replace")
-    if "=?" not in text:
-        return text
-    try:
-        return str(email.header.make_header(email.header.decode_header(text)))
-    except Exception:
-        return text
+    """RFC 2047 decoding of an unfolded field body; undecodable words are kept as text. Linear time:
+    the stdlib decoder is quadratic in the number of encoded words and ran on the event loop for every
+    header SEARCH (docs/security.md row 14)."""
+    return decode_encoded_words(raw.decode("utf-8", "replace"))
 
 
 @dataclass
@@ -1087,9 +1108,14 @@ def resolve_part(root: MimePart, numbers: Sequence[int]) -> MimePart | None:
 
 
 def _header_subset(msg: MimePart, names: Sequence[bytes], negate: bool) -> bytes:
+    return fields_subset(msg.header, msg.fields, names, negate)
+
+
+def fields_subset(header: bytes, fields: Sequence[HeaderField], names: Sequence[bytes], negate: bool) -> bytes:
+    """HEADER.FIELDS / HEADER.FIELDS.NOT (RFC 3501 §6.4.5): the fields kept, as stored, then the empty line."""
     wanted = {n.decode("ascii", "replace").lower() for n in names}
-    kept = b"".join(f.raw for f in msg.fields if (f.key in wanted) != negate)
-    return kept + _trailing_blank(msg.header)
+    kept = b"".join(f.raw for f in fields if (f.key in wanted) != negate)
+    return kept + _trailing_blank(header)
 
 
 def section_bytes(root: MimePart, section: BodySection) -> bytes | None:
@@ -1128,6 +1154,7 @@ def _encode_phrase(name: str) -> str:
 
 
 _HEADER_FACTORY = email.policy.default.header_factory
+MAX_ADDRESS_TEXT = 16 * 1024  # characters of an unusual address field given to the stdlib parsers
 
 
 _ADDR_SPEC = r'[^\s<>()\[\]",;:@\\]+@[^\s<>()\[\]",;:@\\]+'
@@ -1167,6 +1194,18 @@ def _address_list(part: MimePart, name: str) -> list[list[Any]] | None:
     simple = _simple_addresses(text)
     if simple is not None:
         return simple or None
+    # The stdlib parsers below recurse once per nested comment (RecursionError: every FETCH of the
+    # message failed) and take quadratic time on long lists, on the event loop (docs/security.md row 14):
+    # comments nested deeper than any client writes are dropped, and a long list that needs them is read
+    # up to MAX_ADDRESS_TEXT characters.
+    if comment_depth(text) > MAX_COMMENT_DEPTH:
+        text = strip_comments(text)
+        simple = _simple_addresses(text)
+        if simple is not None:
+            return simple or None
+    if len(text) > MAX_ADDRESS_TEXT:
+        cut = text.rfind(",", 0, MAX_ADDRESS_TEXT)
+        text = text[: cut if cut > 0 else MAX_ADDRESS_TEXT]
     out: list[list[Any]] = []
     try:
         groups = _HEADER_FACTORY(name, text).groups
@@ -1290,9 +1329,16 @@ class ParsedMessage:
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
-        self.root = parse_mime(raw)
+        self._root: MimePart | None = None
         self._headers: dict[str, list[str]] | None = None
         self._body_text: str | None = None
+
+    @property
+    def root(self) -> MimePart:
+        """The MIME tree, built on first use: BODY[] and RFC822 serve ``raw`` without it."""
+        if self._root is None:
+            self._root = parse_mime(self.raw)
+        return self._root
 
     @property
     def message_id(self) -> str | None:
@@ -1353,6 +1399,14 @@ class ParseCache:
         self._max_entries = max_entries
         self._max_bytes = max_bytes
 
+    def header(self, blob: str) -> bytes:
+        """The header block of a message: from the session's copy if it has one, else read alone (a
+        header listing of a whole folder then reads no body and evicts nothing)."""
+        parsed = self._entries.get(blob)
+        if parsed is not None:
+            return split_message(parsed.raw)[0]
+        return self._store.read_header(blob)
+
     def get(self, blob: str) -> ParsedMessage:
         parsed = self._entries.get(blob)
         if parsed is not None:
@@ -1376,13 +1430,29 @@ def _literal(data: bytes | None) -> bytes:
     return b"NIL" if data is None else b"{%d}\r\n" % len(data) + data
 
 
+def _top_section(message: StoreMessage, section: BodySection) -> bytes | None:
+    """BODY[], BODY[HEADER] and BODY[HEADER.FIELDS (...)] of the message itself, which need no MIME
+    tree: the stored bytes, or the header block alone. None for any other section."""
+    if section.part:
+        return None
+    if section.text == "":
+        return message.parsed.raw
+    if section.text == "HEADER":
+        return message.header()
+    if section.text.startswith("HEADER.FIELDS"):
+        header = message.header()
+        return fields_subset(header, parse_header_fields(header), section.fields,
+                             section.text == "HEADER.FIELDS.NOT")
+    return None
+
+
 def render_fetch(seq: int, message: StoreMessage, items: Sequence[FetchItem], add_flags: bool) -> bytes:
     """One ``* n FETCH (...)`` response, items in the order requested."""
     out: list[bytes] = []
     for item in items:
         name = item.name
         if name == "FLAGS":
-            out.append(b"FLAGS " + render_flags(message.getFlags()))
+            out.append(b"FLAGS " + message.flags_response())
         elif name == "UID":
             out.append(b"UID %d" % message.getUID())
         elif name == "INTERNALDATE":
@@ -1398,21 +1468,28 @@ def render_fetch(seq: int, message: StoreMessage, items: Sequence[FetchItem], ad
         elif name == "RFC822":
             out.append(b"RFC822 " + _literal(message.parsed.raw))
         elif name == "RFC822.HEADER":
-            out.append(b"RFC822.HEADER " + _literal(message.parsed.root.header))
+            out.append(b"RFC822.HEADER " + _literal(message.header()))
         elif name == "RFC822.TEXT":
             out.append(b"RFC822.TEXT " + _literal(message.parsed.root.body))
         else:
             assert item.section is not None
-            data = section_bytes(message.parsed.root, item.section)
-            label = b"BODY[" + item.section.spec() + b"]"
+            data = _top_section(message, item.section)
+            if data is None:
+                data = section_bytes(message.parsed.root, item.section)
+            label = _section_label(item.section)
             if item.partial is not None and data is not None:
                 start, length = item.partial
                 label += b"<%d>" % start
                 data = data[start : start + length]
             out.append(label + b" " + _literal(data))
     if add_flags and not any(i.name == "FLAGS" for i in items):
-        out.append(b"FLAGS " + render_flags(message.getFlags()))
+        out.append(b"FLAGS " + message.flags_response())
     return b"* %d FETCH (" % seq + b" ".join(out) + b")\r\n"
+
+
+@functools.lru_cache(maxsize=256)
+def _section_label(section: BodySection) -> bytes:
+    return b"BODY[" + section.spec() + b"]"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1449,6 +1526,8 @@ async def _cooperate() -> None:
 class StorePart:
     """``IMessagePart`` over one part of the raw MIME tree."""
 
+    __slots__ = ("_mime",)  # a header listing makes one message object per message of the folder
+
     def __init__(self, part: MimePart) -> None:
         self._mime = part
 
@@ -1484,6 +1563,8 @@ class StorePart:
 class StoreMessage(StorePart):
     """``IMessage`` + ``IMessageFile``: ``open()`` yields the exact stored bytes (RFC 3501 §6.4.5 BODY[])."""
 
+    __slots__ = ("_cache", "_recent", "stored")
+
     def __init__(self, stored: StoredMessage, cache: ParseCache, recent: bool) -> None:
         self.stored = stored
         self._cache = cache
@@ -1505,11 +1586,19 @@ class StoreMessage(StorePart):
             flags.add(RECENT)
         return sorted_flags(flags)
 
+    def flags_response(self) -> bytes:
+        """``render_flags(self.getFlags())``, memoised per distinct set of flags."""
+        return _message_flags(frozenset(self.stored.flags), self._recent)
+
     def getInternalDate(self) -> str:
         return email.utils.format_datetime(self.stored.internaldate)
 
     def getSize(self) -> int:
         return self.stored.size
+
+    def header(self) -> bytes:
+        """The header block (BODY[HEADER]), without reading the body when the session has no copy."""
+        return self._cache.header(self.stored.blob)
 
     def open(self) -> io.BytesIO:
         return io.BytesIO(self.parsed.raw)
@@ -1551,7 +1640,11 @@ class StoreMailbox:
 
     The session keeps its own list of UIDs so that sequence numbers only change when the client is told
     (RFC 3501 §7.4.1): arrivals are appended by :meth:`refresh`, expunges by other sessions are applied only
-    where an EXPUNGE response is allowed.  Flags are always read fresh from the store.
+    where an EXPUNGE response is allowed.  Flags are always read fresh from the store, for the messages a
+    command names only (one query per command, whatever the size of the folder).
+
+    The (UID, flags) listing read when the folder is opened serves every SELECT response (FLAGS, EXISTS,
+    UNSEEN, UIDVALIDITY, UIDNEXT: one snapshot), then is dropped by :meth:`opened`.
     """
 
     def __init__(self, account: StoreAccount, info: FolderInfo, writable: bool) -> None:
@@ -1560,15 +1653,26 @@ class StoreMailbox:
         self.folder_id = info.id
         self._writable = writable
         self._listeners: list[Any] = []
-        self.uids: list[int] = [m.uid for m in account.store.messages(info.id)]
+        listing = account.store.message_flags(info.id)
+        self._opening: list[tuple[int, frozenset[str]]] | None = listing
+        self.uids: list[int] = [u for u, _ in listing]
         self._highest = self.uids[-1] if self.uids else 0
         self._recent: set[int] = set()
+
+    def _listing(self) -> list[tuple[int, frozenset[str]]]:
+        if self._opening is not None:
+            return self._opening
+        return self.account.store.message_flags(self.folder_id)
+
+    def opened(self) -> None:
+        """The SELECT responses are sent: later questions read the store again."""
+        self._opening = None
 
     # -- IMailboxInfo --
     def getFlags(self) -> list[str]:
         keywords: set[str] = set()
-        for m in self.account.store.messages(self.folder_id):
-            keywords.update(f for f in m.flags if not f.startswith("\\"))
+        for flags in {flags for _, flags in self._listing()}:
+            keywords.update(f for f in flags if not f.startswith("\\"))
         return sorted_flags([*SYSTEM_FLAGS, *keywords])
 
     def getHierarchicalDelimiter(self) -> str:
@@ -1576,6 +1680,8 @@ class StoreMailbox:
 
     # -- IMailbox --
     def _fresh_info(self) -> FolderInfo:
+        if self._opening is not None:
+            return self.info  # read just before the listing: UIDNEXT below is at least its highest + 1
         for info in self.account.store.list_folders(self.account.login.mailbox_id):
             if info.id == self.folder_id:
                 self.info = info
@@ -1598,11 +1704,11 @@ class StoreMailbox:
         return len(self._recent)
 
     def getUnseenCount(self) -> int:
-        return sum(1 for m in self.account.store.messages(self.folder_id) if SEEN not in m.flags)
+        return sum(1 for _, flags in self._listing() if SEEN not in flags)
 
     def first_unseen(self) -> int | None:
         """Sequence number of the first message without \\Seen (RFC 3501 §7.1 UNSEEN)."""
-        unseen = {m.uid for m in self.account.store.messages(self.folder_id) if SEEN not in m.flags}
+        unseen = {uid for uid, flags in self._listing() if SEEN not in flags}
         return next((i + 1 for i, uid in enumerate(self.uids) if uid in unseen), None)
 
     def isWriteable(self) -> bool:
@@ -1679,9 +1785,9 @@ class StoreMailbox:
         """(sequence number, UID) pairs named by a sequence-set or uid-set (RFC 3501 §6.4.8)."""
         seqset = messages if isinstance(messages, SequenceSet) else SequenceSet.from_twisted(messages)
         if uid:
-            star = self.uids[-1] if self.uids else 0
-            chosen = seqset.select(self.uids, star)
-            return [(bisect.bisect_left(self.uids, u) + 1, u) for u in chosen]
+            uids = self.uids
+            star = uids[-1] if uids else 0
+            return [(i + 1, uids[i]) for i in seqset.select_indices(uids, star)]
         count = len(self.uids)
         if count == 0:
             if seqset.highest_explicit() > 1 or any(None not in r for r in seqset.ranges):
@@ -1694,16 +1800,41 @@ class StoreMailbox:
     def messages_for(self, pairs: Sequence[tuple[int, int]]) -> list[tuple[int, StoreMessage]]:
         """Message objects for the pairs still present in the store (RFC 2180 §4.1.2: an expunged
         message not yet reported is silently left out)."""
-        current = {m.uid: m for m in self.account.store.messages(self.folder_id)}
-        return [(seq, StoreMessage(current[u], self.account.cache, u in self._recent))
-                for seq, u in pairs if u in current]
+        if not pairs:
+            return []
+        found = self.account.store.messages(self.folder_id, [u for _, u in pairs])
+        cache, recent = self.account.cache, self._recent
+        if len(found) == len(pairs) and all(m.uid == u for m, (_, u) in zip(found, pairs)):
+            return [(seq, StoreMessage(m, cache, m.uid in recent)) for m, (seq, _) in zip(found, pairs)]
+        current = {m.uid: m for m in found}
+        return [(seq, StoreMessage(current[u], cache, u in recent)) for seq, u in pairs if u in current]
+
+    def iter_messages(self, pairs: Sequence[tuple[int, int]]) -> Iterator[tuple[int, StoreMessage]]:
+        """:meth:`messages_for`, read from the store :data:`FETCH_BATCH` messages at a time as the caller
+        consumes them (a FETCH response is streamed: a large folder is never held whole, and its objects
+        die young instead of loading the garbage collector's oldest generation).  The first batch is
+        read at once, so a store failure fails the command before any response is sent."""
+        first = self.messages_for(pairs[:FETCH_BATCH])
+
+        def batches() -> Iterator[tuple[int, StoreMessage]]:
+            yield from first
+            for start in range(FETCH_BATCH, len(pairs), FETCH_BATCH):
+                yield from self.messages_for(pairs[start : start + FETCH_BATCH])
+
+        return batches()
 
     def refresh(self, allow_expunge: bool) -> MailboxDelta:
-        """Bring the session view up to date with the store (new arrivals always, expunges if allowed)."""
-        current = self.account.store.messages(self.folder_id)
+        """Bring the session view up to date with the store (new arrivals always, expunges if allowed).
+
+        Incremental: arrivals are the UIDs above the highest one seen (UIDs are allocated in commit order,
+        RFC 3501 §2.3.1.1), and the whole UID list is read only when the count of messages up to that UID
+        shows that some of the session's messages are gone. A NOOP on a large folder costs two index
+        lookups, not a read of the folder."""
+        store = self.account.store
+        arrived = [uid for uid, _ in store.message_flags(self.folder_id, after=self._highest)]
         expunged: list[int] = []
-        if allow_expunge:
-            present = {m.uid for m in current}
+        if allow_expunge and self.uids and store.message_count(self.folder_id, up_to=self._highest) != len(self.uids):
+            present = {uid for uid, _ in store.message_flags(self.folder_id)}
             kept: list[int] = []
             for index, u in enumerate(self.uids):
                 if u in present:
@@ -1713,7 +1844,6 @@ class StoreMailbox:
                     self._recent.discard(u)
             self.uids = kept
             expunged.reverse()
-        arrived = [m.uid for m in current if m.uid > self._highest]
         if arrived:
             self.uids.extend(arrived)
             self._recent.update(arrived)
@@ -1739,7 +1869,7 @@ class StoreMailbox:
             raise CommandNo("The folder is read-only (EXAMINE)")
         if not uids:
             return {}
-        before = {m.uid: m for m in self.account.store.messages(self.folder_id)}
+        before = {m.uid: m for m in self.account.store.messages(self.folder_id, uids)}
         changed = await bridge(self.account.store.set_flags(self.folder_id, uids, flags, mode))
         for u, new in changed.items():
             old = before.get(u)
@@ -1762,8 +1892,12 @@ class StoreMailbox:
         """EXPUNGE / UID EXPUNGE (RFC 4315 §2.1); audits DELETE; returns sequence numbers, descending."""
         if not self._writable:
             raise CommandNo("The folder is read-only (EXAMINE)")
-        doomed = {m.uid: m for m in self.account.store.messages(self.folder_id)
-                  if DELETED in m.flags and (uids is None or m.uid in uids)}
+        wanted = None if uids is None else set(uids)
+        deleted = [u for u, flags in self.account.store.message_flags(self.folder_id)
+                   if DELETED in flags and (wanted is None or u in wanted)]
+        if not deleted:
+            return []
+        doomed = {m.uid: m for m in self.account.store.messages(self.folder_id, deleted) if DELETED in m.flags}
         if not doomed:
             return []
         # Message-IDs are read before the blobs may be collected.
@@ -2025,9 +2159,15 @@ class StoreAccount:
 # ---------------------------------------------------------------------------------------------------------
 
 
+STREAM_WRITE_SIZE = 64 * 1024  # bytes of responses gathered into one write (four full TLS records)
+
+
 @implementer(interfaces.IPushProducer)
 class _ResponseStream:
-    """Writes FETCH responses one message at a time, pausing while the transport buffer is full."""
+    """Writes FETCH responses as they are rendered, pausing while the transport buffer is full.
+
+    Responses are gathered into writes of about :data:`STREAM_WRITE_SIZE` bytes: one write per message
+    would cost one TLS record (and its encryption call) per message of a header listing."""
 
     def __init__(self, transport: Any, chunks: Iterator[bytes]) -> None:
         self._transport = transport
@@ -2056,19 +2196,32 @@ class _ResponseStream:
         if self._pumping:
             return
         self._pumping = True
+        batch: list[bytes] = []
+        size = 0
         try:
             while not self._paused and not self._finished:
                 try:
                     chunk = next(self._chunks)
                 except StopIteration:
+                    self._write(batch)
                     self._finish()
                     return
                 except Exception:
+                    self._write(batch)
                     self._finish(Failure())
                     return
-                self._transport.write(chunk)
+                batch.append(chunk)
+                size += len(chunk)
+                if size >= STREAM_WRITE_SIZE:
+                    self._write(batch)  # may pause us (the transport's buffer is full)
+                    batch, size = [], 0
+            self._write(batch)
         finally:
             self._pumping = False
+
+    def _write(self, batch: list[bytes]) -> None:
+        if batch and not self._finished:
+            self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -2754,6 +2907,7 @@ class IMAPServer(imap4.IMAP4Server):
             self._untagged(b"OK [UNSEEN %d] First unseen" % unseen)
         self._untagged(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.getUIDValidity())
         self._untagged(b"OK [UIDNEXT %d] Predicted next UID" % mbox.getUIDNext())
+        mbox.opened()
         self.state = "select"
         mode = b"READ-WRITE" if writable else b"READ-ONLY"
         self._ok(tag, b"[" + mode + b"] " + (b"SELECT" if writable else b"EXAMINE") + b" completed")
@@ -2934,14 +3088,19 @@ class IMAPServer(imap4.IMAP4Server):
         self._report_arrivals()
         if uid and not any(i.name == "UID" for i in items):
             items = [FetchItem("UID"), *items]
-        selected = mbox.messages_for(mbox.resolve(messages, bool(uid)))
-        seen_set: set[int] = set()
-        if any(i.sets_seen for i in items) and selected:
-            changed = await mbox.mark_read([m for _, m in selected])
-            seen_set = set(changed)
-            selected = [(s, m.with_flags(changed[m.getUID()]) if m.getUID() in changed else m)
-                        for s, m in selected]
-        chunks = (render_fetch(seq, msg, items, msg.getUID() in seen_set) for seq, msg in selected)
+        pairs = mbox.resolve(messages, bool(uid))
+        if any(i.sets_seen for i in items):
+            # \Seen is set and READ audited for every message before any content is sent.
+            selected = mbox.messages_for(pairs)
+            seen_set: set[int] = set()
+            if selected:
+                changed = await mbox.mark_read([m for _, m in selected])
+                seen_set = set(changed)
+                selected = [(s, m.with_flags(changed[m.getUID()]) if m.getUID() in changed else m)
+                            for s, m in selected]
+            chunks = (render_fetch(seq, msg, items, msg.getUID() in seen_set) for seq, msg in selected)
+        else:
+            chunks = (render_fetch(seq, msg, items, False) for seq, msg in mbox.iter_messages(pairs))
         await _ResponseStream(self.transport, chunks).start()
         self._ok(tag, b"FETCH completed")
 

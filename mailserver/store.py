@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
+import os
+import re
 import time
 from collections import defaultdict
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 
@@ -37,7 +40,9 @@ def _flags_text(flags: Iterable[str]) -> str:
     return " ".join(sorted(set(flags)))
 
 
+@functools.lru_cache(maxsize=4096)
 def _flags_set(text: str) -> frozenset[str]:
+    # Folders share a few distinct flag texts: one frozenset each, not one per row read.
     return frozenset(text.split()) if text else frozenset()
 
 
@@ -73,7 +78,41 @@ def _new_uidvalidity() -> int:
     return int(time.time()) & 0x7FFFFFFF
 
 
-def _next_uid(conn: sa.Connection, folder_id: int, count: int = 1) -> int:
+IN_LIST_MAX = 256  # a sparse set of at most this many UIDs is an IN list; others, one range of the index
+HEADER_CHUNK = 8192  # first read of a blob when only its header is wanted
+_BLANK_LINE_RE = re.compile(rb"\n(\r?\n)")
+_BLOB_ADDRESS_RE = re.compile(r"[0-9a-f]{64}")  # as BlobStore.path checks it: no path outside the store
+
+
+def header_end(data: bytes) -> int | None:
+    """Length of the header block at the start of `data`, its empty line included; None when `data`
+    holds no empty line (yet). The same split as mailserver.imap_server.split_message (RFC 5322 §2.1;
+    a bare LF ends a line too), so that BODY[HEADER] read alone is the prefix a whole read would give."""
+    if data.startswith(b"\r\n"):
+        return 2
+    if data.startswith(b"\n"):
+        return 1
+    m = _BLANK_LINE_RE.search(data)
+    return m.end() if m is not None else None
+
+
+# The reads of the IMAP server, built once: per command only the parameters change (a UID FETCH of one
+# message costs one indexed lookup and no statement construction).
+_MESSAGE_COLUMNS = (messages.c.uid, messages.c.size, messages.c.internaldate, messages.c.flags, messages.c.blob)
+_IN_FOLDER = messages.c.folder_id == sa.bindparam("folder_id")
+_MESSAGES = sa.select(*_MESSAGE_COLUMNS).where(_IN_FOLDER).order_by(messages.c.uid)
+_MESSAGES_IN = _MESSAGES.where(messages.c.uid.in_(sa.bindparam("uids", expanding=True)))
+_MESSAGES_BETWEEN = _MESSAGES.where(messages.c.uid.between(sa.bindparam("low"), sa.bindparam("high")))
+_FLAGS_AFTER = (sa.select(messages.c.uid, messages.c.flags)
+                .where(_IN_FOLDER, messages.c.uid > sa.bindparam("after")).order_by(messages.c.uid))
+_COUNT = sa.select(sa.func.count()).select_from(messages).where(_IN_FOLDER)
+_COUNT_UP_TO = _COUNT.where(messages.c.uid <= sa.bindparam("up_to"))
+
+INSERT_MESSAGE = sa.insert(messages)  # constant: compiled once, executed with many rows
+
+
+def next_uid(conn: sa.Connection, folder_id: int, count: int = 1) -> int:
+    """Allocate `count` consecutive UIDs in a folder; returns the first."""
     first = conn.execute(
         sa.update(folders)
         .where(folders.c.id == folder_id)
@@ -96,14 +135,10 @@ def deliver_in(
     """Place a message in a mailbox's INBOX inside the caller's transaction; returns (folder id, uid)."""
     fid = folder_id_in(conn, mailbox_id, INBOX)
     assert fid is not None
-    uid = _next_uid(conn, fid)
-    conn.execute(
-        sa.insert(messages).values(
-            folder_id=fid, uid=uid, blob=blob, size=size,
-            internaldate=internaldate or dt.datetime.now(dt.timezone.utc),
-            flags="", header_message_id=header_message_id, queue_recipient_id=queue_recipient_id,
-        )
-    )
+    uid = next_uid(conn, fid)
+    conn.execute(INSERT_MESSAGE, dict(
+        folder_id=fid, uid=uid, blob=blob, size=size, internaldate=internaldate or dt.datetime.now(dt.timezone.utc),
+        flags="", header_message_id=header_message_id, queue_recipient_id=queue_recipient_id))
     return fid, uid
 
 
@@ -114,6 +149,7 @@ class SqlMailStore:
         self.engine = engine
         self.writer = writer
         self.blobs = blobs
+        self._blob_root = os.fspath(blobs.root)
         self._listeners: dict[int, set[Callable[[int], None]]] = defaultdict(set)
         # Called with (folder id, UIDs) of messages that have just become \Seen (read receipts).
         self.on_seen: Callable[[int, list[int]], None] | None = None
@@ -127,6 +163,8 @@ class SqlMailStore:
                 sa.func.count().label("exists"),
                 sa.func.sum(sa.case((seen_like, 0), else_=1)).label("unseen"),
             )
+            # Only the folders asked for are counted, not every message of every mailbox.
+            .where(messages.c.folder_id.in_(sa.select(folders.c.id).where(where)))
             .group_by(messages.c.folder_id)
             .subquery()
         )
@@ -158,16 +196,66 @@ class SqlMailStore:
             found = self._folder_infos(sa.and_(folders.c.mailbox_id == mailbox_id, folders.c.name == name))
         return found[0] if found else None
 
-    def messages(self, folder_id: int) -> list[StoredMessage]:
-        query = sa.select(messages).where(messages.c.folder_id == folder_id).order_by(messages.c.uid)
+    def messages(self, folder_id: int, uids: Sequence[int] | None = None) -> list[StoredMessage]:
+        params: dict[str, object] = {"folder_id": folder_id}
+        keep: set[int] | None = None
+        if uids is None:
+            query = _MESSAGES
+        else:
+            wanted = sorted(set(uids))
+            if not wanted:
+                return []
+            if len(wanted) <= IN_LIST_MAX and wanted[-1] - wanted[0] >= 2 * len(wanted):
+                query, params["uids"] = _MESSAGES_IN, wanted
+            else:  # dense or many: one range scan of the (folder_id, uid) index, then a filter
+                query, params["low"], params["high"] = _MESSAGES_BETWEEN, wanted[0], wanted[-1]
+                keep = set(wanted) if wanted[-1] - wanted[0] + 1 != len(wanted) else None
         with self.engine.connect() as conn:
-            return [
-                StoredMessage(int(r.uid), r.size, _utc(r.internaldate), _flags_set(r.flags), r.blob)
-                for r in conn.execute(query)
-            ]
+            rows = conn.execute(query, params).all()
+        return [
+            StoredMessage(int(uid), size, _utc(internaldate), _flags_set(flags), blob)
+            for uid, size, internaldate, flags, blob in rows
+            if keep is None or uid in keep
+        ]
+
+    def message_flags(self, folder_id: int, after: int = 0) -> list[tuple[int, frozenset[str]]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(_FLAGS_AFTER, {"folder_id": folder_id, "after": after}).all()
+        return [(int(uid), _flags_set(flags)) for uid, flags in rows]
+
+    def message_count(self, folder_id: int, up_to: int | None = None) -> int:
+        with self.engine.connect() as conn:
+            if up_to is None:
+                return int(conn.execute(_COUNT, {"folder_id": folder_id}).scalar_one())
+            return int(conn.execute(_COUNT_UP_TO, {"folder_id": folder_id, "up_to": up_to}).scalar_one())
 
     def read_blob(self, blob: str) -> bytes:
         return self.blobs.get(blob)
+
+    def read_header(self, blob: str) -> bytes:
+        """Only the header block: read in chunks until the empty line, not the whole message.
+
+        Plain os.open/os.read on a checked address: a header listing reads thousands of small files, and
+        pathlib plus a buffered file object cost more than the reads themselves."""
+        fd = os.open(self._blob_file(blob), os.O_RDONLY)  # not inherited (PEP 446)
+        try:
+            data = os.read(fd, HEADER_CHUNK)
+            while True:
+                end = header_end(data)
+                if end is not None:
+                    return data[:end]
+                more = os.read(fd, max(HEADER_CHUNK, len(data)))
+                if not more:
+                    return data
+                data += more
+        finally:
+            os.close(fd)
+
+    def _blob_file(self, blob: str) -> str:
+        """`BlobStore.path` as a string, without pathlib (checked by a test against it)."""
+        if _BLOB_ADDRESS_RE.fullmatch(blob) is None:
+            raise ValueError("not a blob address")
+        return f"{self._blob_root}/{blob[:2]}/{blob}"
 
     # -- writes --
     async def create_folder(self, mailbox_id: int, name: str) -> FolderInfo:
@@ -207,7 +295,7 @@ class SqlMailStore:
         header_id = header_message_id(raw)
 
         def job(conn: sa.Connection) -> int:
-            uid = _next_uid(conn, folder_id)
+            uid = next_uid(conn, folder_id)
             conn.execute(
                 sa.insert(messages).values(
                     folder_id=folder_id, uid=uid, blob=blob, size=len(raw),
@@ -276,7 +364,7 @@ class SqlMailStore:
             ).all()
             if not rows:
                 return []
-            first = _next_uid(conn, dest_folder_id, len(rows))
+            first = next_uid(conn, dest_folder_id, len(rows))
             pairs = []
             for offset, row in enumerate(rows):
                 new_uid = first + offset

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, Literal, Protocol
+from typing import Awaitable, Callable, Iterable, Literal, Protocol, Sequence
 
 FlagMode = Literal["set", "add", "remove"]
 
@@ -26,7 +26,7 @@ class FolderInfo:
     unseen: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a folder listing holds one per message
 class StoredMessage:
     uid: int
     size: int
@@ -44,10 +44,19 @@ class MailStore(Protocol):
     def list_folders(self, mailbox_id: int) -> list[FolderInfo]: ...
     def get_folder(self, mailbox_id: int, name: str) -> FolderInfo | None:
         """Folder by name; "INBOX" matches case-insensitively (RFC 3501 §5.1)."""
-    def messages(self, folder_id: int) -> list[StoredMessage]:
-        """All messages of a folder in UID order (sequence number = index + 1)."""
+    def messages(self, folder_id: int, uids: Sequence[int] | None = None) -> list[StoredMessage]:
+        """All messages of a folder in UID order (sequence number = index + 1); with `uids`, only those
+        of them still in the folder (one query however many, flags as they are now)."""
+    def message_flags(self, folder_id: int, after: int = 0) -> list[tuple[int, frozenset[str]]]:
+        """(UID, flags) of the messages of a folder with a UID above `after` (all by default), in UID
+        order: what SELECT and change reports need, without the rest of each row."""
+    def message_count(self, folder_id: int, up_to: int | None = None) -> int:
+        """How many messages a folder holds (with a UID up to `up_to` when given)."""
     def read_blob(self, blob: str) -> bytes:
         """The exact bytes of a message as delivered or appended."""
+    def read_header(self, blob: str) -> bytes:
+        """The header block of a message, its empty line included (RFC 3501 §6.4.5 BODY[HEADER]): the
+        prefix of `read_blob` that `mailserver.imap_server.split_message` returns, read without the body."""
 
     # -- writes (durable when the coroutine returns) --
     def create_folder(self, mailbox_id: int, name: str) -> Awaitable[FolderInfo]: ...

@@ -53,7 +53,7 @@ def init_state(state: Path, *, domain: str = "caducee.localhost", ports: dict[st
 
     from caducee.config import sample
 
-    ports = ports or {name: free_port() for name in LISTENERS}
+    ports = {name: free_port() for name in LISTENERS} | (ports or {})
     state.mkdir(parents=True, exist_ok=True)
     if pki_from is not None and not (state / "pki").exists():
         shutil.copytree(pki_from / "pki", state / "pki", ignore=shutil.ignore_patterns("server"))

@@ -1,4 +1,5 @@
-"""A real, private Postfix instance as a third operator of the trust space, for black-box tests.
+"""A real, private Postfix instance: a third operator of the trust space for the black-box tests, and the
+reference server of `caducee bench smtp`.
 
 One :class:`PostfixPeer` is a complete Postfix configuration (``main.cf`` + ``master.cf``) in its own
 directory, run with ``postfix -c DIR``: its own queue, data directory, Maildir store and log file, one SMTP
@@ -312,7 +313,7 @@ class PostfixPeer:
                  queue_lifetime: int) -> str:
         config = self.config_dir
         return f"""\
-# Private Postfix instance of the Caducée black-box tests (tests/blackbox/postfix.py).
+# Private Postfix instance of the Caducée black-box tests (mailserver/testing_postfix.py).
 compatibility_level = 3.6
 config_directory = {config}
 queue_directory = {self.queue_dir}

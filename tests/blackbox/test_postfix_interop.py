@@ -13,7 +13,7 @@ import pytest
 
 from crypto.pki import DevPKI
 from mailserver.testing import ServerProcess, free_port, wait_for
-from tests.blackbox.postfix import PostfixPeer, postfix_workdir
+from mailserver.testing_postfix import PostfixPeer, postfix_workdir
 
 LISTENERS = ("relay", "submission", "submissions", "imap", "imaps")
 

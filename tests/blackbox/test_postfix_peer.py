@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from crypto.pki import DevPKI, IssuedCertificate
 from crypto.tls import peer_certificate_der, server_context
 from mailserver.testing import free_port, wait_for
-from tests.blackbox.postfix import TOOLS, PostfixError, PostfixPeer, postfix_workdir
+from mailserver.testing_postfix import TOOLS, PostfixError, PostfixPeer, postfix_workdir
 
 DOMAIN = "postfix.test"
 HOSTNAME = "mx.postfix.test"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from mailserver.store_api import FlagMode, FolderInfo, StoredMessage
 
@@ -97,16 +97,28 @@ class MemoryMailStore:
                 return self._info(f)
         return None
 
-    def messages(self, folder_id: int) -> list[StoredMessage]:
+    def messages(self, folder_id: int, uids: Sequence[int] | None = None) -> list[StoredMessage]:
         self._fault("messages")
         folder = self._folders.get(folder_id)
         if folder is None:
             return []
-        return [folder.messages[uid] for uid in sorted(folder.messages)]
+        wanted = sorted(folder.messages) if uids is None else sorted(set(uids) & folder.messages.keys())
+        return [folder.messages[uid] for uid in wanted]
+
+    def message_flags(self, folder_id: int, after: int = 0) -> list[tuple[int, frozenset[str]]]:
+        return [(m.uid, m.flags) for m in self.messages(folder_id) if m.uid > after]
+
+    def message_count(self, folder_id: int, up_to: int | None = None) -> int:
+        return sum(1 for m in self.messages(folder_id) if up_to is None or m.uid <= up_to)
 
     def read_blob(self, blob: str) -> bytes:
         self._fault("read_blob")
         return self._blobs[blob]
+
+    def read_header(self, blob: str) -> bytes:
+        from mailserver.imap_server import split_message
+
+        return split_message(self.read_blob(blob))[0]
 
     # -- writes --
     async def create_folder(self, mailbox_id: int, name: str) -> FolderInfo:

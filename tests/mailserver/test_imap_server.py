@@ -39,6 +39,7 @@ from zope.interface import implementer
 
 from mailserver.audit_api import AuditEvent
 from mailserver.imap_server import (
+    FETCH_BATCH,
     BodySection,
     CommandBad,
     CommandNo,
@@ -54,7 +55,9 @@ from mailserver.imap_server import (
     parse_mime,
     parse_search,
     render,
+    render_flags,
     section_bytes,
+    split_message,
     tokenize,
 )
 from mailserver.store_api import FolderInfo, StoredMessage
@@ -1042,6 +1045,47 @@ def test_other_session_expunge_is_reported_at_noop(server: Harness) -> None:
         assert watcher.command(b"W1", b"FETCH 2 (UID)") == [b"W1 OK FETCH completed"]  # no EXPUNGE here
         assert watcher.command(b"W2", b"NOOP") == [b"* 2 EXPUNGE", b"W2 OK NOOP completed"]
         assert watcher.command(b"W3", b"FETCH 2 (UID)")[0] == b"* 2 FETCH (UID 3)"
+
+
+def test_noop_reports_other_sessions_expunge_and_arrivals_together(server: Harness) -> None:
+    with raw_tls(server) as watcher, imaps(server) as actor:
+        watcher.command(b"W0", b"SELECT INBOX")
+        assert watcher.command(b"W1", b"NOOP") == [b"W1 OK NOOP completed"]  # nothing changed: nothing said
+        actor.select("INBOX")
+        actor.store("2", "+FLAGS", r"(\Deleted)")
+        actor.expunge()
+        server.deliver(new_message("after the expunge"))
+        assert watcher.command(b"W2", b"NOOP") == [b"* 2 EXPUNGE", b"* 3 EXISTS", b"* 1 RECENT",
+                                                   b"W2 OK NOOP completed"]
+        assert watcher.command(b"W3", b"UID FETCH 1:* (UID)") == [
+            b"* 1 FETCH (UID 1)", b"* 2 FETCH (UID 3)", b"* 3 FETCH (UID 4)", b"W3 OK FETCH completed"]
+        assert watcher.command(b"W4", b"NOOP") == [b"W4 OK NOOP completed"]
+
+
+def test_large_folder_select_and_header_listing_are_exact(server: Harness) -> None:
+    """More messages than one store batch of a streamed FETCH (FETCH_BATCH): every response in order, byte
+    for byte, flags as stored; SELECT's FLAGS, EXISTS and UNSEEN from one listing."""
+    extra = 2 * FETCH_BATCH + 37
+    for i in range(extra):
+        flags = ("\\Seen",) if i % 3 else ("$Label%d" % (i % 2),) if i % 5 == 0 else ()
+        server.deliver(new_message(f"bulk {i}", "x" * (i % 50)), flags=flags)
+    stored = server.messages()
+    assert len(stored) == len(SEEDED) + extra
+    expected = []
+    for seq, m in enumerate(stored, 1):
+        header = split_message(server.call(server.store.read_blob, m.blob))[0]
+        expected.append(b"* %d FETCH (UID %d FLAGS %s RFC822.SIZE %d BODY[HEADER] {%d}\r\n%s)"
+                        % (seq, m.uid, render_flags(m.flags), m.size, len(header), header))
+    with raw_tls(server) as raw:
+        lines = raw.command(b"L1", b"SELECT INBOX")
+        assert lines[0] == b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Label0 $Label1)"
+        assert b"* %d EXISTS" % len(stored) in lines
+        assert b"* OK [UNSEEN 1] First unseen" in lines
+        lines = raw.command(b"L2", b"UID FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER])")
+        assert b"\r\n".join(lines) == b"\r\n".join(expected) + b"\r\nL2 OK FETCH completed"
+        lines = raw.command(b"L3", b"FETCH %d:* (FLAGS)" % (len(stored) - 1))
+        assert lines == [b"* %d FETCH (FLAGS %s)" % (seq, render_flags(m.flags))
+                         for seq, m in enumerate(stored[-2:], len(stored) - 1)] + [b"L3 OK FETCH completed"]
 
 
 def test_id_enable_unselect_and_unknown_commands(server: Harness) -> None:
