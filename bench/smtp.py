@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import smtplib
-import socket
 import ssl
 import sqlite3
 import sys
@@ -131,12 +130,6 @@ def _maildir_count(box: Path) -> Callable[[], int]:
     return count
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caducee bench smtp", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -154,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(m not in ("reuse", "permsg") for m in modes) or not session_counts or min(session_counts) < 1:
         p.error("--modes takes reuse,permsg; --sessions positive integers")
 
-    from mailserver.testing import ServerProcess
+    from mailserver.testing import ServerProcess, free_port
     from mailserver.testing_postfix import PostfixPeer, postfix_workdir
 
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -170,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "postfix", structure_id="399999999900017", organisation="Postfix reference")
         postfix = PostfixPeer.create(pf_dir, domain="postfix.bench", hostname="mx.postfix.bench",
                                      cert_file=issued.chain_path, key_file=issued.key_path,
-                                     ca_file=Path(server.ca_bundle), listen_port=_free_port(),
+                                     ca_file=Path(server.ca_bundle), listen_port=free_port(),
                                      mailboxes=["bench@postfix.bench"])
         targets: dict[str, Target] = {}
         with server, postfix:

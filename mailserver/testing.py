@@ -30,8 +30,42 @@ DEFAULT_PORTS = {"relay": 2525, "submission": 5587, "submissions": 5465, "imap":
                  "ldaps": 6636, "admin": 8025}
 
 
+_TAKEN: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A free 127.0.0.1 port for a listener started later, outside the kernel's ephemeral range.
+
+    A port the kernel chose (bind to port 0) is in the ephemeral range: between this call and the server's
+    bind, any outgoing connection of the machine may take it as its source port ("Address already in use"
+    at start, seen under load). Ports below that range are never given to outgoing connections; they are
+    drawn at random and not handed out twice by this process.
+    """
+    import random
+
+    low, _ = _ephemeral_range()
+    first = 10000 if low > 12000 else 1024
+    candidates = list(range(first, low))
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _TAKEN:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _TAKEN.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the range is exhausted: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
