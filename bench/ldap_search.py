@@ -31,10 +31,10 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.directory_import import generate
+from caducee import database
 from directory.importers import import_file
 from directory.schema import mailboxes, practitioners, principals
 from mailserver.db import make_engine
-from tests.directory.test_importers import engine_for
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -47,7 +47,8 @@ def build(folder: Path, lines: int) -> str:
     url = f"sqlite:///{folder / 'directory.db'}"
     source = folder / "activite.txt"
     generate(source, lines, seed=7)
-    engine = engine_for(url)
+    database.upgrade(url)
+    engine = make_engine(url)
     started = time.perf_counter()
     import_file(engine, source)
     now = dt.datetime.now(dt.UTC)

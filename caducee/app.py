@@ -105,7 +105,8 @@ async def start(cfg: Config) -> Node:
         ca_bundle=cfg.path(cfg.tls.trust_anchors),
         next_hops={d: NextHop(h.host, h.port) for d, h in cfg.relay.next_hops.items()},
         connect_timeout=cfg.relay.connect_timeout, retry_initial=cfg.relay.retry_initial,
-        retry_max=cfg.relay.retry_max, max_lifetime=cfg.relay.max_lifetime, lease=cfg.relay.lease))
+        retry_max=cfg.relay.retry_max, max_lifetime=cfg.relay.max_lifetime, lease=cfg.relay.lease),
+        read_engine=read_engine)
     reports = ReportWorker(queue, blobs, ReportSettings(
         hostname=cfg.server.hostname, postmaster=f"mailer-daemon@{cfg.server.domains[0]}",
         delay_warning=cfg.relay.delay_warning, max_lifetime=cfg.relay.max_lifetime))

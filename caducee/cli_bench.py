@@ -9,6 +9,7 @@ import importlib
 COMMANDS = {
     "smtp": ("bench.smtp", "SMTP acceptance and delivery with STARTTLS and client certificates, against Postfix"),
     "imap": ("bench.imap", "one IMAP session over 10,000 messages (headers of all, 100 bodies), against Dovecot"),
+    "ldap": ("bench.ldap", "LDAPS searches by mail and by name (100,000 practitioners), against OpenLDAP slapd"),
     "import": ("bench.directory_import", "import of the national directory files (N generated activity lines)"),
 }
 

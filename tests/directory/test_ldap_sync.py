@@ -42,7 +42,7 @@ from directory.model import CertificateUsage
 from directory.schema import ldap_published, ldap_targets, organisations, practitioners
 from directory.store import DirectoryStore
 from mailserver.db import make_engine
-from tests.directory.slapd import Slapd, SlapdTls
+from tests.directory.slapd import Slapd, SlapdTls, ldif_entry
 from tests.directory.test_importers import ACTIVITY_52, DUPRE, HOSPITAL, LEFEVRE
 
 Run = Callable[..., tuple[int, str, str]]
@@ -153,6 +153,30 @@ def test_first_publish_creates_the_base_the_ous_and_every_entry(publish: Run, no
     # Only encryption certificates are published: never the authentication or signature ones.
     auth_der = der_of(node, demo_identity(node, CAMILLE)["cert"])
     assert all(auth_der not in e.get("userCertificate;binary", []) for e in entries.values())
+
+
+def test_slapadd_of_the_published_ldif_gives_what_publish_gives(node: Path, engine: Any, tmp_path: Path,
+                                                                ldap_tools: None) -> None:
+    """The offline load of `caducee bench ldap`: iter_published written with ldif_entry (base64 for the
+    certificates and the accented names), `Slapd.load` (slapadd) before the start: every entry, every value."""
+    base = config_mod.load(node).ldap_base
+    with engine.connect() as conn:
+        published = {e.dn.lower(): e for e in iter_published(conn, base)}
+        ldif = tmp_path / "published.ldif"
+        ldif.write_text("".join(ldif_entry(e.dn, e.attributes) for e in iter_published(conn, base)),
+                        encoding="utf-8")
+    server = Slapd.create(tmp_path / "slapd", base=base)
+    server.load(ldif)
+    with server:
+        entries = server_entries(server)
+    assert set(entries) == set(published)
+    for dn, entry in published.items():
+        got = {name.lower(): sorted(values) for name, values in entries[dn].items()}
+        want = {name.lower(): sorted(v if isinstance(v, bytes) else v.encode() for v in values)
+                for name, values in entry.attributes.items()}
+        assert got == want, dn
+    camille = entries[f"mail={CAMILLE},ou=mailboxes,{base}"]
+    assert camille["userCertificate;binary"] == [der_of(node, demo_identity(node, CAMILLE)["enc_cert"])]
 
 
 def test_a_second_publish_with_no_change_sends_nothing(publish: Run, slapd: Slapd) -> None:

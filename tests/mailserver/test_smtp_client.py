@@ -24,7 +24,7 @@ from mailserver.blobs import BlobStore
 from mailserver.db import Writer, make_engine
 from mailserver.queue import Envelope, Queue, Recipient, RecipientState
 from mailserver.schema import queue_recipients
-from mailserver.smtp_client import NextHop, RemoteDelivery, RemoteSettings, backoff, claim_in
+from mailserver.smtp_client import NextHop, RemoteDelivery, RemoteSettings, backoff, claim_in, remote_due
 
 LOCAL, REMOTE = "a.test", "b.test"
 
@@ -247,3 +247,25 @@ def test_backoff_doubles_with_jitter_and_is_capped() -> None:
     values = [backoff(n, 60, 3600, rng) for n in range(1, 9)]
     assert 48 <= values[0] <= 72 and 96 <= values[1] <= 144
     assert all(v <= 3600 * 1.2 for v in values) and values[-1] >= 3600 * 0.8
+
+
+def test_a_wake_up_with_nothing_remote_due_takes_no_place_in_the_writer(node: dict[str, Any]) -> None:
+    """Every accepted message wakes the relay worker; with only local recipients queued it reads, finds
+    nothing due and never claims (no writer batch); a remote recipient is then claimed at once."""
+    queue, remote = _remote(node, 9)  # the hop is never reached: nothing is due, or the claim is checked only
+    remote.read_engine = node["read"]
+
+    async def main() -> tuple[int, int, bool, bool]:
+        await queue.enqueue(Envelope("camille@a.test", (Recipient(f"louis@{LOCAL}"),)), BODY)
+        batches = node["writer"].batches
+        done = await remote.run_once()
+        with node["read"].connect() as conn:
+            local_only = remote_due(conn, remote.settings)
+        after = node["writer"].batches
+        await queue.enqueue(Envelope("camille@a.test", (Recipient(f"louis@{REMOTE}"),)), BODY)
+        with node["read"].connect() as conn:
+            with_remote = remote_due(conn, remote.settings)
+        return done, after - batches, local_only, with_remote
+
+    done, batches, local_only, with_remote = asyncio.run(main())
+    assert (done, batches, local_only, with_remote) == (0, 0, False, True)
