@@ -29,7 +29,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, write_results  # noqa: E402
+from bench.common import machine, write_results
 from caducee import database
 from directory.identifiers import luhn_complete
 from directory.importers import ImportSummary, import_file

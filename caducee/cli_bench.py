@@ -19,7 +19,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(module.main(args.rest))
 
 
-def register(sub: argparse._SubParsersAction, state: argparse.ArgumentParser) -> None:  # noqa: ARG001
+def register(sub: argparse._SubParsersAction, state: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "bench", help="benchmarks side by side with the reference servers",
         description="Run one benchmark; the options after its name are its own (caducee bench NAME --help). "
