@@ -10,6 +10,7 @@ COMMANDS = {
     "smtp": ("bench.smtp", "SMTP acceptance and delivery with STARTTLS and client certificates, against Postfix"),
     "imap": ("bench.imap", "one IMAP session over 10,000 messages (headers of all, 100 bodies), against Dovecot"),
     "ldap": ("bench.ldap", "LDAPS searches by mail and by name (100,000 practitioners), against OpenLDAP slapd"),
+    "memory": ("bench.memory", "memory per idle TLS connection (1,000 held) and RSS under TLS churn, against Postfix"),
     "import": ("bench.directory_import", "import of the national directory files (N generated activity lines)"),
 }
 

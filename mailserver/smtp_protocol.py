@@ -214,6 +214,30 @@ class CaduceeSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self.event_handler.connections.discard(self)
         super().connection_lost(error)
+        # aiosmtpd's protocol sits in reference cycles (its dicts of bound methods, the stream writer, the
+        # STARTTLS SSLProtocol and its 256 KiB buffer, the handler task and its traceback): a closed
+        # connection would wait for the cyclic garbage collector, and under TLS churn memory climbs by
+        # hundreds of MB (REFERENCE.md §7, `caducee bench memory`). Once the session task has finished
+        # (it still logs and closes the writer after its cancellation), the cycles are broken so that
+        # reference counting frees the connection at once.
+        task = self._handler_coroutine
+        if task is not None and not task.done():
+            task.add_done_callback(self._release)
+        else:
+            self._release()
+
+    def _release(self, _task: asyncio.Task[None] | None = None) -> None:
+        """Drop the references of a closed connection that lead back to it (connection_lost)."""
+        self._handler_coroutine = None
+        self._client_connected_cb = None
+        self._smtp_methods = {}
+        self._auth_methods = {}
+        self._timeout_handle = None
+        self._reader = None  # type: ignore[assignment]
+        self._writer = None  # type: ignore[assignment]
+        self._tls_protocol = None
+        self._original_transport = None
+        self.transport = None
 
     @property
     def tls_ssl_object(self) -> ssl.SSLObject | ssl.SSLSocket | None:
