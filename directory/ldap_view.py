@@ -19,6 +19,7 @@ and a full publication streams the directory in constant memory (`iter_published
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -96,8 +97,10 @@ def structural_entries(base: str, organisation: str | None = None) -> list[LdapE
     return entries
 
 
+@functools.lru_cache(maxsize=4096)
 def _smime(der: bytes) -> bytes:
-    """A certs-only PKCS#7 SignedData holding one certificate (the form of userSMIMECertificate)."""
+    """A certs-only PKCS#7 SignedData holding one certificate (the form of userSMIMECertificate); the same
+    certificates are published again and again, so they are wrapped once."""
     return pkcs7.serialize_certificates([x509.load_der_x509_certificate(der)], Encoding.DER)
 
 
