@@ -1662,6 +1662,12 @@ class LdapServerProtocol(LDAPServer):  # type: ignore[misc]
 
     # -- transport --
     def connectionMade(self) -> None:
+        # A search answers with several messages (entries, then the result) written at different times:
+        # with Nagle's algorithm the result waits for the client's delayed ACK of the entries (~40 ms per
+        # search on Linux). Twisted leaves TCP_NODELAY off; asyncio (the SMTP side) turns it on.
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
         super().connectionMade()
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:

@@ -2307,6 +2307,11 @@ class IMAPServer(imap4.IMAP4Server):
 
     def connectionMade(self) -> None:
         """Log the connection and send the greeting (RFC 3501 §7.1.1)."""
+        # Responses go out in several writes (untagged data, then the tagged completion): without
+        # TCP_NODELAY (Twisted leaves it off) the last one can wait for the client's delayed ACK.
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
         peer = self.transport.getPeer()
         self._peer = getattr(peer, "host", "-")
         logger.info("imap connect conn=%s peer=%s tls=%s", self.conn_id, self._peer, self.factory.implicit_tls)
