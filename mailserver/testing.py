@@ -258,3 +258,61 @@ def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> Any
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(interval)
+
+
+class ThreadedTlsServer:
+    """A TCP server on 127.0.0.1 run by its own asyncio loop in a thread, holding a server TLS context
+    (for STARTTLS) made of `chain` and `key`: the scaffolding of the fake peer operators of the tests.
+
+    Subclasses implement `_session(reader, writer)` and put each writer in `_writers` while it is open,
+    so that `stop()` can abort the connections still open."""
+
+    thread_name = "tls-server"
+
+    def __init__(self, chain: Path, key: Path) -> None:
+        import asyncio
+        import ssl
+
+        self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.tls.load_cert_chain(chain, key)
+        self.port = 0
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._server: Any = None
+        self._writers: set[Any] = set()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=self.thread_name, daemon=True)
+
+    async def _session(self, reader: Any, writer: Any) -> None:
+        raise NotImplementedError
+
+    def start(self, port: int = 0) -> Any:
+        import asyncio
+
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._session, "127.0.0.1", port, reuse_address=True))
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        import asyncio
+
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+            for w in list(self._writers):
+                w.transport.abort()
+            await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> Any:
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

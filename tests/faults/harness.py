@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from mailserver.testing import ServerProcess, caducee_command, free_port
+from mailserver.testing import ServerProcess, ThreadedTlsServer, caducee_command, free_port
 
 SHIM_SOURCE = Path(__file__).parent / "shim" / "fault.c"
 DOMAIN = "caducee.localhost"
@@ -330,7 +330,7 @@ def send_one(s: smtplib.SMTP, sender: str, rcpt: str, data: bytes) -> tuple[int,
 
 # -- another operator's MX, on request misbehaving --
 
-class SmtpPeer:
+class SmtpPeer(ThreadedTlsServer):
     """An SMTP server with STARTTLS and an operator certificate of the dev PKI, in a thread.
 
     It counts every message whose final dot it read (`received`) and every one it answered 250
@@ -338,48 +338,23 @@ class SmtpPeer:
     after the final dot, the fault of RFC 5321 §6.1 where the client cannot know whether it was taken.
     """
 
+    thread_name = "smtp-peer"
+
     def __init__(self, chain: Path, key: Path, *, hostname: str = "mx.peer.test", drop_after_dot: int = 0) -> None:
+        super().__init__(chain, key)
         self.hostname = hostname
         self.drop_after_dot = drop_after_dot
-        self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.tls.load_cert_chain(chain, key)
         self.received: list[tuple[float, list[str], bytes]] = []
         self.accepted: list[tuple[float, list[str], bytes]] = []
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.base_events.Server | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="smtp-peer", daemon=True)
-        self._lock = threading.Lock()
-        self._writers: set[asyncio.StreamWriter] = set()
         self.errors: list[str] = []
 
     def start(self, port: int = 0) -> SmtpPeer:
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._session, "127.0.0.1", port, reuse_address=True))
-        self.port = self._server.sockets[0].getsockname()[1]
-        self._thread.start()
+        super().start(port)
         return self
-
-    def stop(self) -> None:
-        async def close() -> None:
-            assert self._server is not None
-            self._server.close()
-            for w in list(self._writers):
-                w.transport.abort()
-            await self._server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
     def __enter__(self) -> Self:
-        if self._server is None:
-            self.start()
+        super().__enter__()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def accepted_ids(self) -> collections.Counter[str]:
         with self._lock:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
+
+from mailserver.testing import ThreadedTlsServer
 
 
 @dataclass
@@ -28,42 +29,21 @@ class PeerSession:
         return [c.split(b" ", 1)[0].split(b":", 1)[0].strip().upper() for c in self.commands]
 
 
-class CapturePeer:
+class CapturePeer(ThreadedTlsServer):
     """An SMTP server with STARTTLS in a thread; `sessions` holds what each connection sent."""
+
+    thread_name = "capture-peer"
 
     def __init__(self, chain: Path, key: Path, *, hostname: str = "mx.peer.test",
                  starttls: bool = True) -> None:
+        super().__init__(chain, key)
         self.hostname = hostname
         self.starttls = starttls
-        self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.tls.load_cert_chain(chain, key)
         self.sessions: list[PeerSession] = []
-        self.port = 0
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.base_events.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="capture-peer", daemon=True)
 
     def start(self, port: int = 0) -> Self:
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._session, "127.0.0.1", port, reuse_address=True))
-        self.port = self._server.sockets[0].getsockname()[1]
-        self._thread.start()
+        super().start(port)
         return self
-
-    def stop(self) -> None:
-        async def close() -> None:
-            assert self._server is not None
-            self._server.close()
-            for w in list(self._writers):
-                w.transport.abort()
-            await self._server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
     def snapshot(self) -> list[PeerSession]:
         with self._lock:
