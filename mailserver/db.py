@@ -3,7 +3,8 @@
 Every write of the servers goes through one `Writer`: a thread that takes all jobs waiting, runs them in
 one transaction, commits once, then resolves each job's future. A job that fails is alone in failing:
 the batch is then run again with a savepoint per job, and the others commit. So a job may run twice:
-it must act on the database only (its connection), never on other state. One fsync serves every message accepted in the same
+it must act on the database only (its connection), or do work that is the same done twice (the queue's
+job writes its content-addressed body blob). One fsync serves every message accepted in the same
 batch, which is how a Python server out-runs one fsync per message (DESIGN.md §3).
 """
 

@@ -20,7 +20,7 @@ from directory.schema import mailboxes
 from mailserver.audit import NewEntry, append_many_in
 from mailserver.audit_api import AuditEvent
 from mailserver.blobs import BlobStore, CorruptBlob
-from mailserver.queue import Queue, QueueWorker, RecipientState
+from mailserver.queue import Queue, QueueWorker, RecipientState, return_path
 from mailserver.schema import queue_messages, queue_recipients
 from mailserver.reports import record_report_in
 from mailserver.store import INBOX, INSERT_MESSAGE, SqlMailStore, folder_id_in, next_uid
@@ -52,7 +52,7 @@ def _due_select(local_domains: frozenset[str], now: Any, limit: int) -> sa.Selec
             queue_recipients.c.id, queue_recipients.c.rcpt, queue_recipients.c.message_id,
             queue_messages.c.blob, queue_messages.c.size, queue_messages.c.header_message_id,
             queue_messages.c.received_at, queue_messages.c.mail_from, queue_messages.c.report_kind,
-            queue_recipients.c.notify,
+            queue_recipients.c.notify, queue_messages.c.trace_length,
         )
         .join(queue_messages, queue_messages.c.id == queue_recipients.c.message_id)
         .where(
@@ -72,8 +72,10 @@ def prepare_final_blobs(engine: sa.Engine, blobs: BlobStore, local_domains: froz
     """The message as it will rest in the mailbox, with its Return-Path (RFC 5321 §4.4: added at final
     delivery), for each message due locally: queue id → (blob, size). Read-only on the database.
 
-    A queued body that is missing or altered is left out, and named in `corrupt` (queue id → (blob,
-    reason)) for the caller to quarantine."""
+    The queued blob already starts with its Return-Path (`Queue.enqueue`) and is used as is, once its
+    bytes are checked against their address; only an entry queued before it did (`trace_length` NULL)
+    gets a copy with the field added. A queued body that is missing or altered is left out, and named in
+    `corrupt` (queue id → (blob, reason)) for the caller to quarantine."""
     now = dt.datetime.now(dt.timezone.utc)
     with engine.connect() as conn:
         rows = conn.execute(_due_query(local_domains, limit), {"now": now}).all()
@@ -88,7 +90,10 @@ def prepare_final_blobs(engine: sa.Engine, blobs: BlobStore, local_domains: froz
                 raise
             corrupt[row.message_id] = (row.blob, exc.reason)
             continue
-        data = f"Return-Path: <{row.mail_from}>\r\n".encode("utf-8", errors="replace") + body
+        if row.trace_length is not None:
+            out[row.message_id] = (row.blob, len(body))
+            continue
+        data = return_path(row.mail_from) + body
         out[row.message_id] = (blobs.put(data), len(data))
     return out
 
@@ -182,6 +187,9 @@ class LocalDelivery(QueueWorker):
 
     name = "local-delivery"
     batch = BATCH
+    # A round costs a fixed number of statements whatever it delivers: the wake-ups of the messages
+    # accepted within 20 ms share one (a message reaches its mailbox at most that much later).
+    min_interval = 0.02
 
     def __init__(self, queue: Queue, store: SqlMailStore, local_domains: frozenset[str], *, poll: float = 1.0) -> None:
         super().__init__(queue, poll=poll)

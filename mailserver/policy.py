@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import email.utils
 import re
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +30,48 @@ _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
 
 class MailboxLookup(Protocol):
     def mailbox_by_address(self, address: str) -> object | None: ...
+
+
+class RecipientCache:
+    """`directory.mailbox_by_address` answers kept `ttl` seconds, at most `size` of them.
+
+    A recipient checked a moment ago is checked again on the event loop, without a database read nor a
+    thread: a practice sending its reports to the same mailboxes costs one lookup per mailbox every few
+    seconds instead of one per RCPT. A mailbox closed in the meantime is refused at most `ttl` seconds
+    later; until then a message to it is accepted and its delivery fails (with a report), as for a
+    mailbox closed while a message waits in the queue. Unknown addresses are kept too (a directory
+    harvest gets no faster answers than `ttl` allows anyway)."""
+
+    def __init__(self, directory: MailboxLookup, *, ttl: float = 5.0, size: int = 10_000) -> None:
+        self.directory = directory
+        self.ttl = ttl
+        self.size = size
+        self._entries: dict[str, tuple[float, object | None]] = {}
+
+    def known(self, address: str) -> bool:
+        """Whether `mailbox_by_address(address)` would answer from memory."""
+        entry = self._entries.get(address)
+        return entry is not None and time.monotonic() < entry[0]
+
+    def mailbox_by_address(self, address: str) -> object | None:
+        entry = self._entries.get(address)
+        now = time.monotonic()
+        if entry is not None and now < entry[0]:
+            return entry[1]
+        found = self.directory.mailbox_by_address(address)
+        if len(self._entries) >= self.size:
+            self._entries.clear()  # bounded; refilled by the next lookups
+        self._entries[address] = (now + self.ttl, found)
+        return found
+
+
+async def check_recipient_cached(address: str, local_domains: frozenset[str], cache: RecipientCache,
+                                 trust: TrustLookup | None = None) -> Reply | None:
+    """`check_recipient` through `cache`: on the event loop when the answer is in memory, else in a
+    thread (the directory read blocks)."""
+    if address.rpartition("@")[2].lower() in local_domains and cache.known(address):
+        return check_recipient(address, local_domains, cache, trust)
+    return await asyncio.to_thread(check_recipient, address, local_domains, cache, trust)
 
 
 def valid_address(address: str) -> bool:

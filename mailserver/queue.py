@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from mailserver.audit import append_in
 from mailserver.audit_api import AuditEvent
 from mailserver.blobs import BlobStore
-from mailserver.db import Writer
+from mailserver.db import Writer, defer_in
 from mailserver.schema import queue_messages, queue_recipients
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,27 @@ _INSERT_MESSAGE = sa.insert(queue_messages)
 _INSERT_RECIPIENT = sa.insert(queue_recipients)
 
 
+def _insert_queued(conn: sa.Connection, items: list[tuple[dict[str, object], list[dict[str, object]]]]) -> None:
+    """Insert queue entries: every message row, then every recipient row. Constant statements with bound
+    parameters (compiled once, cached: the hot path)."""
+    conn.execute(_INSERT_MESSAGE, [message for message, _ in items])
+    conn.execute(_INSERT_RECIPIENT, [r for _, recipients in items for r in recipients])
+
+
+INLINE_WRITE = 256 * 1024  # bytes up to which the database writer writes a queued blob in the job
+
+
+def return_path(mail_from: str) -> bytes:
+    """The trace field final delivery adds (RFC 5321 §4.4), as the queued blob starts with it."""
+    return f"Return-Path: <{mail_from}>\r\n".encode("utf-8", errors="replace")
+
+
+def relayed_content(blob: bytes, trace_length: int | None) -> bytes:
+    """The message as received, without the Return-Path the queue put in front of it: what is relayed to
+    the next operator (RFC 5321 §4.4: a relay adds none) and returned in a report."""
+    return blob[trace_length:] if trace_length else blob
+
+
 def new_queue_id() -> str:
     """Sortable, unguessable id: 12 hex digits of milliseconds, then 12 random hex digits."""
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
@@ -114,29 +135,38 @@ class Queue:
                       also: Callable[[sa.Connection], None] | None = None) -> str:
         """Store the body and the queue rows durably; returns the queue id.
 
-        `also` runs in the same transaction (a report marks what it reports on, atomically).
+        The blob is the message as it will rest in a mailbox: `Return-Path: <reverse-path>` (RFC 5321
+        §4.4) then `data`; its length is kept (`trace_length`) for relaying and returned content, which
+        leave it out (`relayed_content`). So local delivery points the mailbox entry at this blob, with
+        no second copy. `also` runs in the same transaction (a report marks what it reports on,
+        atomically).
         """
-        blob = await asyncio.to_thread(self.blobs.put, data)
+        trace = return_path(envelope.mail_from)
+        stored = trace + data
+        # A large message is written by a thread, not to hold up the writer's batch; a small one by the
+        # writer itself, in the job: no thread hop of its own, and the event loop never waits on the
+        # filesystem (creating a file can wait behind a journal commit). `put` is content-addressed and
+        # idempotent, so a job run twice (db.Writer) writes once.
+        blob = await asyncio.to_thread(self.blobs.put, stored) if len(stored) > INLINE_WRITE else None
         queue_id = queue_id or new_queue_id()
         now = dt.datetime.now(dt.timezone.utc)
+        size, trace_length = len(stored), len(trace)
 
         def job(conn: sa.Connection) -> None:
-            # Constant statements with bound parameters: compiled once, cached (the hot path).
-            conn.execute(
-                _INSERT_MESSAGE,
-                dict(id=queue_id, blob=blob, size=len(data), mail_from=envelope.mail_from,
+            address = blob or self.blobs.put(stored)
+            rows = (
+                dict(id=queue_id, blob=address, size=size, mail_from=envelope.mail_from,
                      envid=envelope.envid, ret=envelope.ret, principal=envelope.principal,
                      header_message_id=envelope.header_message_id, received_at=now,
-                     hops=envelope.hops, report_kind=envelope.report_kind),
+                     hops=envelope.hops, report_kind=envelope.report_kind, trace_length=trace_length),
+                [dict(message_id=queue_id, rcpt=r.address, notify=r.notify, orcpt=r.orcpt,
+                      state=RecipientState.QUEUED, attempts=0, next_attempt_at=now, updated_at=now)
+                 for r in envelope.recipients],
             )
-            conn.execute(
-                _INSERT_RECIPIENT,
-                [
-                    dict(message_id=queue_id, rcpt=r.address, notify=r.notify, orcpt=r.orcpt,
-                         state=RecipientState.QUEUED, attempts=0, next_attempt_at=now, updated_at=now)
-                    for r in envelope.recipients
-                ],
-            )
+            # In a writer batch the rows of every message go in together at the end (two statements per
+            # batch instead of two per message); a job with `also` inserts its own first, for `also`.
+            if also is not None or not defer_in(conn, "queue", _insert_queued, rows):
+                _insert_queued(conn, [rows])
             append_in(conn, AuditEvent.SUBMIT, actor=envelope.principal or "unknown", protocol=envelope.protocol,
                       mailbox=envelope.mail_from or None, message_id=envelope.header_message_id,
                       detail={"queue_id": queue_id, "recipients": str(len(envelope.recipients))}, at=now)

@@ -67,6 +67,7 @@ class RelayHandler:
         self.validator = validator
         self.trust: TrustLookup = trust
         self.directory = directory
+        self.recipients = policy.RecipientCache(directory)
         self.queue = queue
         self.audit = audit
         self.connections: set[CaduceeSMTP] = set()
@@ -114,8 +115,7 @@ class RelayHandler:
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return str(replies.TOO_MANY_RECIPIENTS)
         # Local mailboxes only: relaying onwards would make us an open relay.
-        reply = await asyncio.to_thread(policy.check_recipient, address, self.settings.local_domains,
-                                        self.directory, None)
+        reply = await policy.check_recipient_cached(address, self.settings.local_domains, self.recipients)
         return str(reply or replies.RECIPIENT_OK)
 
     async def handle_DATA(self, server: CaduceeSMTP, session: Session, envelope: SmtpEnvelope) -> str:

@@ -26,7 +26,7 @@ from mailserver.audit_api import AuditEvent
 from mailserver.blobs import BlobStore, CorruptBlob
 from mailserver.dsn import Action, RecipientStatus, build_dsn, parse_dsn, parse_notify, should_report
 from mailserver.mdn import parse_mdn
-from mailserver.queue import Envelope, Queue, QueueWorker, Recipient, RecipientState
+from mailserver.queue import Envelope, Queue, QueueWorker, Recipient, RecipientState, relayed_content
 from mailserver.schema import delivery_reports, queue_messages, queue_recipients
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Pending:
     received_at: dt.datetime
     report_kind: str | None
     delay: bool  # a delay report (the recipient stays queued)
+    trace_length: int | None = None  # Return-Path bytes at the start of the blob, not returned
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
@@ -71,7 +72,7 @@ def due_in(conn: sa.Connection, settings: ReportSettings, now: dt.datetime, limi
             queue_recipients.c.orcpt, queue_recipients.c.state, queue_recipients.c.last_error,
             queue_recipients.c.last_attempt_at, queue_recipients.c.notify, queue_messages.c.mail_from,
             queue_messages.c.envid, queue_messages.c.ret, queue_messages.c.blob, queue_messages.c.received_at,
-            queue_messages.c.report_kind)
+            queue_messages.c.report_kind, queue_messages.c.trace_length)
     joined = queue_recipients.join(queue_messages, queue_messages.c.id == queue_recipients.c.message_id)
     final = conn.execute(
         sa.select(*cols).select_from(joined)
@@ -95,7 +96,7 @@ def due_in(conn: sa.Connection, settings: ReportSettings, now: dt.datetime, limi
                     continue
             out.append(Pending(r.id, r.message_id, r.rcpt, r.orcpt, r.state, r.last_error,
                                _utc(r.last_attempt_at), r.mail_from, r.envid, r.ret, r.blob,
-                               _utc(r.received_at) or now, r.report_kind, delay))
+                               _utc(r.received_at) or now, r.report_kind, delay, r.trace_length))
     return out
 
 
@@ -156,7 +157,8 @@ class ReportWorker(QueueWorker):
                 await self.queue.writer.run(lambda c, items=items: _finish_in(c, items, now))
                 continue
             try:
-                original = await asyncio.to_thread(self.blobs.get_verified, first.blob)
+                original = relayed_content(await asyncio.to_thread(self.blobs.get_verified, first.blob),
+                                           first.trace_length)
             except CorruptBlob as exc:
                 # The body went missing or was altered (quarantined by the delivery side): the report is
                 # still owed to the sender, without the original's headers.

@@ -25,6 +25,10 @@ queue_messages = sa.Table(
     sa.Column("hops", sa.Integer, nullable=False, server_default="0"),
     # "dsn" / "mdn" when the message is itself a report: never answered by another report.
     sa.Column("report_kind", sa.String(8), nullable=True),
+    # Bytes of the Return-Path field the blob starts with (RFC 5321 §4.4, for final delivery: the blob is
+    # then the mailbox copy as is); relaying and returned content skip them. NULL: queued before 0005,
+    # the blob has none.
+    sa.Column("trace_length", sa.Integer, nullable=True),
 )
 
 queue_recipients = sa.Table(

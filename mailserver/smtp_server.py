@@ -61,6 +61,7 @@ class SubmissionHandler:
         self.trust = trust
         self.authenticator = authenticator
         self.directory = directory
+        self.recipients = policy.RecipientCache(directory)
         self.queue = queue
         self.audit = audit
         self.connections: set[SubmissionSMTP] = set()
@@ -123,8 +124,8 @@ class SubmissionHandler:
                           address: str, rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return str(replies.TOO_MANY_RECIPIENTS)
-        reply = await asyncio.to_thread(policy.check_recipient, address, self.settings.local_domains,
-                                        self.directory, self.trust)
+        reply = await policy.check_recipient_cached(address, self.settings.local_domains, self.recipients,
+                                                    self.trust)
         if reply is not None:
             return str(reply)
         return str(replies.RECIPIENT_OK)

@@ -16,8 +16,8 @@ from mailserver.audit_api import AuditEvent
 from mailserver.blobs import BlobStore
 from mailserver.db import Writer
 from mailserver.delivery import LocalDelivery, deliver_due_in
-from mailserver.queue import Envelope, Queue, Recipient
-from mailserver.schema import audit_log, messages, queue_recipients
+from mailserver.queue import Envelope, Queue, Recipient, relayed_content
+from mailserver.schema import audit_log, messages, queue_messages, queue_recipients
 from mailserver.store import SqlMailStore
 
 DOMAIN = "caducee.test"
@@ -101,7 +101,15 @@ def test_enqueue_then_deliver_exactly_once(engines: tuple[sa.Engine, Writer], tm
         states = conn.execute(sa.select(queue_recipients.c.state)).scalars().all()
     assert len(rows) == 2 and {r.uid for r in rows} == {1}
     assert set(states) == {"delivered"}
-    assert blobs.get(rows[0].blob).endswith(body)
+    # The mailbox copy is the queued blob itself, Return-Path first (RFC 5321 §4.4): no second file.
+    with read.connect() as conn:
+        queued = conn.execute(sa.select(queue_messages.c.blob, queue_messages.c.size,
+                                        queue_messages.c.trace_length)).one()
+    assert {r.blob for r in rows} == {queued.blob}
+    assert blobs.get(queued.blob) == b"Return-Path: <camille@caducee.test>\r\n" + body
+    assert {r.size for r in rows} == {queued.size} == {len(body) + queued.trace_length}
+    assert relayed_content(blobs.get(queued.blob), queued.trace_length) == body
+    assert sum(1 for shard in blobs.root.iterdir() if shard.name != "tmp" for _ in shard.iterdir()) == 1
     events = [e.event for e in audit.entries(read)]
     assert events.count("submit") == 1 and events.count("deliver") == 2
     # Delivering again in a fresh transaction finds nothing: the unique queue_recipient_id holds.
@@ -158,3 +166,28 @@ def test_a_failing_flush_before_commit_acknowledges_nothing(engines: tuple[sa.En
 
     asyncio.run(many())
     assert 1 <= len(flushed) <= writer.batches
+
+
+def test_an_entry_queued_before_its_return_path_was_kept_still_gets_one(engines: tuple[sa.Engine, Writer],
+                                                                        tmp_path: Path) -> None:
+    """Entries queued before migration 0005 have a blob without Return-Path (`trace_length` NULL): the
+    mailbox gets a copy with the field added, as before."""
+    read, writer = engines
+    _directory(read, writer)
+    blobs = BlobStore(tmp_path / "blobs")
+    queue = Queue(writer, blobs)
+    store = SqlMailStore(read, writer, blobs)
+    body = b"From: camille@caducee.test\r\nTo: louis@caducee.test\r\nSubject: old\r\n\r\nbonjour\r\n"
+
+    async def main() -> None:
+        await queue.enqueue(Envelope(f"camille@{DOMAIN}", (Recipient(f"louis@{DOMAIN}"),)), body)
+        old = blobs.put_durable(body)  # as a queue entry of an earlier version held it
+        writer.run_sync(lambda c: c.execute(sa.update(queue_messages).values(blob=old, size=len(body),
+                                                                               trace_length=None)))
+        assert len(await LocalDelivery(queue, store, frozenset({DOMAIN})).deliver()) == 1
+
+    asyncio.run(main())
+    with read.connect() as conn:
+        (row,) = conn.execute(sa.select(messages)).all()
+    assert blobs.get(row.blob) == b"Return-Path: <camille@caducee.test>\r\n" + body
+    assert row.size == len(blobs.get(row.blob))

@@ -154,3 +154,40 @@ def test_shutdown_lets_data_finish_and_sends_421_to_idle_sessions(running: Runni
 ])
 def test_library_replies_get_enhanced_codes(line: str, expected: str) -> None:
     assert replies.with_enhanced_code(line) == expected
+
+
+def test_recipient_checks_are_answered_from_memory_for_a_few_seconds() -> None:
+    """policy.RecipientCache: one directory read per address and `ttl`, then answered from memory; an
+    answer older than `ttl` is read again (a mailbox closed meanwhile is refused from then on)."""
+    import asyncio
+
+    from mailserver import policy
+
+    class Directory:
+        def __init__(self) -> None:
+            self.reads: list[str] = []
+            self.open = {"louis@caducee.test"}
+
+        def mailbox_by_address(self, address: str) -> object | None:
+            self.reads.append(address)
+            return object() if address in self.open else None
+
+    directory = Directory()
+    cache = policy.RecipientCache(directory, ttl=60, size=2)
+    local = frozenset({"caducee.test"})
+
+    async def check(address: str) -> object:
+        return await policy.check_recipient_cached(address, local, cache)
+
+    assert not cache.known("louis@caducee.test")
+    assert asyncio.run(check("louis@caducee.test")) is None
+    assert cache.known("louis@caducee.test")
+    assert asyncio.run(check("louis@caducee.test")) is None
+    assert asyncio.run(check("nobody@caducee.test")) == policy.replies.UNKNOWN_RECIPIENT
+    assert asyncio.run(check("nobody@caducee.test")) == policy.replies.UNKNOWN_RECIPIENT
+    assert directory.reads == ["louis@caducee.test", "nobody@caducee.test"]
+    asyncio.run(check("third@caducee.test"))  # beyond `size`: emptied, then refilled
+    assert not cache.known("louis@caducee.test")
+    directory.open.clear()
+    cache.ttl = 0  # expired answers are read again: the closed mailbox is refused
+    assert asyncio.run(check("louis@caducee.test")) == policy.replies.UNKNOWN_RECIPIENT
