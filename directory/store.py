@@ -152,6 +152,16 @@ _SERVED = sa.and_(mailboxes.c.active.is_(True), mailboxes.c.hosted.is_(True))
 
 # Constant statements of the hot paths (one per RCPT): compiled once, then only executed.
 _SERVED_BY_ADDRESS = sa.select(mailboxes).where(mailboxes.c.address == sa.bindparam("address"), _SERVED)
+# ... and one per login (every connection of a sender's software):
+_ACTIVE_PRINCIPAL = sa.select(principals).where(principals.c.national_id == sa.bindparam("national_id"),
+                                                principals.c.active.is_(True))
+_MAILBOXES_OF = (
+    sa.select(mailboxes)
+    .where(_SERVED, sa.or_(mailboxes.c.owner_id == sa.bindparam("principal_id"), mailboxes.c.id.in_(
+        sa.select(mailbox_access.c.mailbox_id).where(mailbox_access.c.principal_id == sa.bindparam("principal_id"))
+    )))
+    .order_by(mailboxes.c.preference, mailboxes.c.address)
+)
 
 
 class DirectoryStore:
@@ -163,11 +173,7 @@ class DirectoryStore:
     # -- reads used by the mail server --
     def principal_by_national_id(self, national_id: str) -> Principal | None:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(principals).where(
-                    principals.c.national_id == national_id, principals.c.active.is_(True)
-                )
-            ).first()
+            row = conn.execute(_ACTIVE_PRINCIPAL, {"national_id": national_id}).first()
         return _principal(row) if row else None
 
     def mailbox_by_address(self, address: str) -> Mailbox | None:
@@ -178,16 +184,8 @@ class DirectoryStore:
 
     def mailboxes_of(self, principal_id: int) -> list[Mailbox]:
         """Hosted mailboxes the principal owns or was granted, by preference then address."""
-        granted = sa.select(mailbox_access.c.mailbox_id).where(
-            mailbox_access.c.principal_id == principal_id
-        )
-        query = (
-            sa.select(mailboxes)
-            .where(_SERVED, sa.or_(mailboxes.c.owner_id == principal_id, mailboxes.c.id.in_(granted)))
-            .order_by(mailboxes.c.preference, mailboxes.c.address)
-        )
         with self.engine.connect() as conn:
-            return [_mailbox(r) for r in conn.execute(query)]
+            return [_mailbox(r) for r in conn.execute(_MAILBOXES_OF, {"principal_id": principal_id})]
 
     def all_mailboxes(self, *, hosted_only: bool = True) -> list[Mailbox]:
         """Every mailbox by address: those this operator hosts, or with `hosted_only=False` also the
