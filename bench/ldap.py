@@ -10,7 +10,8 @@ written as LDIF and loaded offline with `slapadd -q` into a private slapd (`dire
 schema of deploy/openldap, back_mdb, equality indexes on objectClass, mail, uid, cn and sn — `--slapd-sub`
 adds substring indexes on cn and sn — no statistics log), which is then started; Caducée's listener runs in
 a child process (its own interpreter: the clients must not share its GIL) on the SQLite database, with the
-same limits as slapd's frontend (500 entries).
+same limits as slapd's frontend (500 entries), and its entry cache (`--no-cache`: without it, every search
+built from SQL).
 
 Before measuring, a sample of searches of each kind is sent to both and their DN sets compared: the run
 stops if any differs.
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1, help="unrecorded seconds per target and kind first (1)")
     p.add_argument("--slapd-sub", action="store_true", help="also index cn and sn for substrings in slapd")
     p.add_argument("--only", choices=("caducee", "slapd"), help="run one target alone (no check, no ratio)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run Caducée's listener without its entry cache (every search built from SQL)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -284,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         (folder / "server.key").write_bytes(tls.key_file.read_bytes())
         child = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ldap_search.py")), "--serve", url,
                                   str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 cwd=Path(__file__).resolve().parents[1])
+                                 cwd=Path(__file__).resolve().parents[1],
+                                 env=os.environ | ({"CADUCEE_BENCH_LDAP_CACHE_TTL": "0"} if args.no_cache else {}))
         cells: dict[tuple[str, str], Cell] = {}
         checked: dict[str, Any] = {}
         try:
@@ -359,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{entries:,} published entries ({counts.get('people', 0):,} practitioners, "
         f"{counts.get('organisations', 0):,} organisations, {counts.get('mailboxes', 0):,} mailboxes, one per "
         f"practitioner; --people {args.people:,}), the same in both (slapd loaded by slapadd, equality indexes "
-        f"on mail, uid, cn, sn{', substring indexes on cn, sn' if args.slapd_sub else ''}). {args.threads} ldap3 "
+        f"on mail, uid, cn, sn{', substring indexes on cn, sn' if args.slapd_sub else ''}); Caducée "
+        f"{'without' if args.no_cache else 'with'} its entry cache. {args.threads} ldap3 "
         f"threads over LDAPS, {args.seconds:g} s per run, medians of {args.rounds} interleaved rounds; ratios are "
         "Caducée/slapd per round (above 1: Caducée faster), then their median. Latency as seen by the client; "
         "CPU time of the server process.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import random
 import ssl
 import subprocess
@@ -79,7 +80,8 @@ def serve(url: str, folder: Path) -> None:
 
     from directory.ldap_server import LdapDirectory, listen_ldaps
 
-    directory = LdapDirectory(make_engine(url), BASE, size_limit=500, time_limit=10)
+    cache_ttl = float(os.environ.get("CADUCEE_BENCH_LDAP_CACHE_TTL", "60"))  # 0: without the entry cache
+    directory = LdapDirectory(make_engine(url), BASE, size_limit=500, time_limit=10, cache_ttl=cache_ttl)
     port = listen_ldaps(reactor, directory, folder / "server.pem", folder / "server.key", "127.0.0.1", 0)
     print(port.getHost().port, flush=True)
     threading.Thread(target=lambda: (sys.stdin.read(), reactor.callFromThread(reactor.stop)), daemon=True).start()

@@ -18,6 +18,10 @@ AND), relies on `assert`, recurses without bound and buffers without bound. ldap
   so a translation can make a search slow but never wrong. Every value is a bound SQL parameter. Names of
   persons without practitioner data and mailbox descriptions, which no database index serves by word,
   are looked up in an in-memory `WordIndex` rebuilt from the database every `word_index_ttl` seconds.
+  Built entries and the candidate ids of each filter are kept in an `EntryCache` shared by the searches,
+  emptied whenever the database changes (SQLite's data_version, seen by the next search), when the word
+  indexes are rebuilt, and every `cache_ttl` seconds; without such a change signal (PostgreSQL) nothing is
+  cached. Under a size limit, no more candidates are built than can be sent.
 * Limits: min(client sizeLimit, server size limit) entries then sizeLimitExceeded (4) with the entries sent
   so far; the same for the time limit (timeLimitExceeded, 3), which also interrupts a running SQL statement.
   Filters deeper than `MAX_FILTER_DEPTH` or with more than `MAX_FILTER_ITEMS` items get unwillingToPerform;
@@ -27,20 +31,24 @@ AND), relies on `assert`, recurses without bound and buffers without bound. ldap
   4526). No control is supported: a critical one gets unavailableCriticalExtension (12), others are ignored
   (RFC 4511 §4.1.11) — so paged results (RFC 2696) sent as non-critical return everything up to the limit.
 * Add, delete, modify and modify DN get unwillingToPerform (53) "read-only directory"; compare is answered.
-* Database work runs in the reactor's thread pool, never on the loop. One log line per search: base (the
-  leaf value redacted), scope, the attribute names of the filter (never its values), result, entries, ms.
+* Database work runs in the reactor's thread pool, never on the loop, `workers` searches at a time (no more
+  than the database pool's connections). Entries and results are encoded to BER here (byte for byte as
+  ldaptor would). One log line per search: base (the leaf value redacted), scope, the attribute names of
+  the filter (never its values), result, entries, ms.
   Exception texts never reach a client nor the log; an internal error answers `other` (80) with a reference.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime as dt
 import enum
 import itertools
 import logging
 import re
 import secrets
+import sqlite3
 import threading
 import time
 import unicodedata
@@ -1294,6 +1302,22 @@ class SearchOutcome:
     matched_dn: str = ""
 
 
+class _LazyConnection:
+    """A search's database connection, opened (with its time guard) when first needed: a search answered
+    from the entry cache takes none from the pool."""
+
+    __slots__ = ("_conn", "_open")
+
+    def __init__(self, open_: Callable[[], sa.Connection]) -> None:
+        self._open = open_
+        self._conn: sa.Connection | None = None
+
+    def get(self) -> sa.Connection:
+        if self._conn is None:
+            self._conn = self._open()
+        return self._conn
+
+
 @dataclass
 class _Target:
     """Where a search starts: the root DSE, the base entry, a container, or one leaf entry."""
@@ -1311,6 +1335,7 @@ class _Run:
     emit: Callable[[IndexedEntry], None]
     cancelled: Callable[[], bool]
     sent: int = 0
+    view: CacheView | None = None  # the entry cache's generation this search uses (None: no cache)
 
     def check(self) -> None:
         if self.cancelled():
@@ -1328,14 +1353,126 @@ class _Run:
         self.sent += 1
 
 
+_MAIL_CANDIDATES = (sa.select(mailboxes.c.id).where(mailboxes.c.address == sa.bindparam("address"))
+                    .order_by(mailboxes.c.id))
+
+
+class ChangeWatch:
+    """Tells whether the database changed: SQLite's `PRAGMA data_version`, on a connection of its own that
+    never writes, changes whenever any other connection (of this process or another: an import, the
+    admin command line) commits. None where there is no such signal (PostgreSQL, an in-memory database)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        database = engine.url.database
+        if engine.dialect.name == "sqlite" and database and database != ":memory:" and "mode=memory" not in database:
+            uri = database.startswith("file:")
+            self._conn = sqlite3.connect(database, uri=uri, check_same_thread=False, timeout=30,
+                                         isolation_level=None)
+
+    @property
+    def available(self) -> bool:
+        return self._conn is not None
+
+    def version(self) -> int | None:
+        if self._conn is None:
+            return None
+        with self._lock:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+_NOT_PUBLISHED = object()  # an id the container's builder left out (liste rouge, inactive…)
+
+
+class CacheView:
+    """One generation of the `EntryCache`: what the searches started since its last emptying share. A search
+    keeps the view it started with, so what it builds after the cache was emptied lands in a view no later
+    search reads."""
+
+    __slots__ = ("candidates", "entries", "lock", "max_entries", "max_filters")
+
+    def __init__(self, max_entries: int, max_filters: int) -> None:
+        self.entries: dict[tuple[str, int], Any] = {}
+        self.candidates: dict[tuple[str, Filter], tuple[list[int], bool]] = {}
+        self.max_entries = max_entries
+        self.max_filters = max_filters
+        self.lock = threading.Lock()
+
+    def put_entries(self, kind: str, found: dict[int, Any]) -> None:
+        with self.lock:
+            entries = self.entries
+            for id_, entry in found.items():
+                entries[(kind, id_)] = entry
+            while len(entries) > self.max_entries:
+                del entries[next(iter(entries))]
+
+    def put_candidates(self, key: tuple[str, Filter], ids: list[int], complete: bool) -> None:
+        with self.lock:
+            candidates = self.candidates
+            candidates[key] = (ids[:EntryCache.MAX_IDS], complete and len(ids) <= EntryCache.MAX_IDS)
+            while len(candidates) > self.max_filters:
+                del candidates[next(iter(candidates))]
+
+
+class EntryCache:
+    """Built entries by (container, id) and candidate ids by (container, filter), shared by the searches.
+
+    Emptied as a whole when the database changes (`ChangeWatch`, looked at when each search starts, before
+    it reads anything), when the word indexes are rebuilt, and at least every `ttl` seconds (what no change
+    signal covers: a certificate reaching its expiry date). Bounded: beyond `max_entries` entries or
+    `max_filters` filters, the oldest are dropped. Entries are shared between threads and never modified
+    once built. Candidates are kept as the ids a search read, in ascending order, with whether they were all
+    of them: a search that needs more goes on in SQL after the last one."""
+
+    MAX_IDS = 2000  # candidate ids kept per filter
+
+    def __init__(self, ttl: float, max_entries: int = 20_000, max_filters: int = 20_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.max_filters = max_filters
+        self._lock = threading.Lock()
+        self.version: int | None = None
+        self.started = time.monotonic()
+        self.view = CacheView(max_entries, max_filters)
+
+    def sync(self, version: int | None) -> CacheView:
+        """At the start of a search: the current view, emptied first if the database changed (`version`
+        differs) or the view is older than `ttl`."""
+        with self._lock:
+            if version != self.version or time.monotonic() - self.started >= self.ttl:
+                self._clear(version)
+            return self.view
+
+    def clear(self) -> None:
+        with self._lock:
+            self._clear(self.version)
+
+    def _clear(self, version: int | None) -> None:
+        self.view = CacheView(self.max_entries, self.max_filters)
+        self.version = version
+        self.started = time.monotonic()
+
+
 class LdapDirectory:
     """The published directory as LDAP sees it, searched from the database (blocking calls)."""
 
     def __init__(self, engine: sa.Engine, base: str, *, organisation: str | None = None, size_limit: int = 500,
-                 time_limit: int = 10, batch: int = BATCH, word_index_ttl: float = 60.0) -> None:
+                 time_limit: int = 10, batch: int = BATCH, word_index_ttl: float = 60.0,
+                 workers: int | None = None, cache_ttl: float = 60.0) -> None:
         self.engine = engine
+        # Built entries and candidates are cached only where a change of the database can be seen.
+        self.watch = ChangeWatch(engine)
+        self.cache = EntryCache(cache_ttl) if self.watch.available and cache_ttl > 0 else None
         self.word_index_ttl = word_index_ttl
         self._word_lock = threading.Lock()
+        self._word_version: int | None = None  # the database's data_version the word indexes were built at
         self.base = base
         self.base_rdns = normalise_dn(base)
         self.organisation = organisation
@@ -1344,9 +1481,20 @@ class LdapDirectory:
         self.batch = batch
         self.postgres = engine.dialect.name == "postgresql"
         self.planner = Planner(self.postgres)
+        pool_size = getattr(engine.pool, "size", None)
+        self.workers = max(1, workers if workers is not None else min(pool_size() if callable(pool_size) else 4, 4))
+        self._limiter: Any = None
         structural = lv.structural_entries(base, organisation)
         self.root_entry = IndexedEntry.of(structural[0], "root")
         self.ou_entries = {_OU_KIND[e.get("ou")[0]]: IndexedEntry.of(e, "ou") for e in structural[1:]}
+
+    def limiter(self) -> Any:
+        """The DeferredSemaphore of `workers` searches and compares in threads (reactor thread only)."""
+        if self._limiter is None:
+            from twisted.internet.defer import DeferredSemaphore
+
+            self._limiter = DeferredSemaphore(self.workers)
+        return self._limiter
 
     # -- root DSE --
     def root_dse(self) -> IndexedEntry:
@@ -1382,10 +1530,19 @@ class LdapDirectory:
             run.offer(self.root_dse())
             return SearchOutcome(ResultCode.SUCCESS, run.sent)
         try:
-            with self.engine.connect() as conn, self._interruptible(conn, run):
-                self.refresh_word_indexes(conn)
-                target = self._locate(conn, requested)
-                self._walk(conn, target, scope if requested else _scope_from_root(scope), run)
+            with contextlib.ExitStack() as stack:
+                def connect() -> sa.Connection:
+                    conn = stack.enter_context(self.engine.connect())
+                    stack.enter_context(self._interruptible(conn, run))
+                    return conn
+
+                lazy = _LazyConnection(connect)
+                if self.cache is not None:  # before this search reads anything (its snapshot is newer)
+                    run.view = self.cache.sync(self.watch.version())
+                if self._word_indexes_due():
+                    self.refresh_word_indexes(lazy.get())
+                target = self._locate(lazy, requested)
+                self._walk(lazy, target, scope if requested else _scope_from_root(scope), run)
         except LdapError as exc:
             return SearchOutcome(exc.code, run.sent, exc.message, exc.matched_dn)
         except _SizeLimit:
@@ -1456,7 +1613,7 @@ class LdapDirectory:
 
         return guard()
 
-    def _locate(self, conn: sa.Connection, requested: tuple[Any, ...]) -> _Target:
+    def _locate(self, conn: sa.Connection | _LazyConnection, requested: tuple[Any, ...]) -> _Target:
         if not requested:
             return _Target("root")  # below the root DSE: the naming context
         base = self.base_rdns
@@ -1474,7 +1631,8 @@ class LdapDirectory:
         if len(relative) == 1:
             return _Target("ou", kind)
         leaf_rdn = relative[-2]
-        entry = self._leaf(conn, kind, leaf_rdn, requested[len(requested) - n - 2:])
+        entry = self._leaf(conn.get() if isinstance(conn, _LazyConnection) else conn, kind, leaf_rdn,
+                           requested[len(requested) - n - 2:])
         if entry is None:
             raise LdapError(ResultCode.NO_SUCH_OBJECT, "no such entry", container_dn)
         if len(relative) > 2:
@@ -1507,7 +1665,7 @@ class LdapDirectory:
                 return IndexedEntry.of(e, kind)
         return None
 
-    def _walk(self, conn: sa.Connection, target: _Target, scope: Scope, run: _Run) -> None:
+    def _walk(self, conn: _LazyConnection, target: _Target, scope: Scope, run: _Run) -> None:
         include_self = scope in (Scope.BASE, Scope.SUBTREE)
         if target.kind == "leaf":
             if include_self and target.entry is not None:
@@ -1531,6 +1689,10 @@ class LdapDirectory:
         for kind in KINDS:
             self._container(conn, kind, run)
 
+    def _word_indexes_due(self) -> bool:
+        current = self.planner.orphans
+        return current is None or time.monotonic() - current.built >= self.word_index_ttl
+
     def refresh_word_indexes(self, conn: sa.Connection, *, force: bool = False) -> None:
         """(Re)build the word indexes when missing or older than `word_index_ttl`: one search thread builds,
         the others go on with the previous ones (or, the very first time, wait for them)."""
@@ -1543,6 +1705,14 @@ class LdapDirectory:
             current = self.planner.orphans
             if not force and current is not None and time.monotonic() - current.built < self.word_index_ttl:
                 return
+            # The indexes depend on the database only: unchanged since they were built (SQLite's data_version,
+            # read before this connection reads anything), they are the same, and only get younger.
+            version = None if conn.in_transaction() else self.watch.version()
+            if not force and current is not None and version is not None and version == self._word_version:
+                current.built = time.monotonic()
+                if self.planner.descriptions is not None:
+                    self.planner.descriptions.built = current.built
+                return
             p, pr = practitioners, principals
             orphans = WordIndex(conn.execute(sa.select(pr.c.id, pr.c.name_norm).where(
                 pr.c.kind == "person", pr.c.name_norm.is_not(None),
@@ -1550,43 +1720,114 @@ class LdapDirectory:
             descriptions = WordIndex(conn.execute(sa.select(mailboxes.c.id, mailboxes.c.description).where(
                 mailboxes.c.description.is_not(None), lv.PUBLISHED_MAILBOX)))
             self.planner.orphans, self.planner.descriptions = orphans, descriptions
+            self._word_version = version
+            if self.cache is not None:  # candidates were planned with the previous word indexes
+                self.cache.clear()
         finally:
             self._word_lock.release()
 
     def candidates(self, kind: str, flt: Filter) -> Any | None:
         """The SELECT of candidate ids (ascending) for `flt` in a container, None when none can match."""
+        return self._candidates(kind, flt)[0]
+
+    def _candidates(self, kind: str, flt: Filter) -> tuple[Any | None, bool]:
+        """`candidates`, and whether they are selected through the indexes (False: every id of the container)."""
+        if (kind == "mailboxes" and isinstance(flt, Compare) and flt.op in ("eq", "approx")
+                and flt.attr.type is not None and flt.attr.type.key == "mail" and not flt.attr.options):
+            # The most frequent search (a sender looking up a recipient's certificate): the planner's
+            # translation (the unique index on the address), as one statement built once.
+            prepared = _prep_value("ia5", flt.value)
+            if prepared is not None and "\x00" not in prepared:
+                address = flt.value.decode("utf-8").strip().lower()
+                return _MAIL_CANDIDATES.params(address=address), True
         plan = self.planner.plan(flt, kind)
         if plan in (FALSE, NONE):
-            return None
+            return None, False
         if isinstance(plan, Ids):
             sub = plan.stmt.subquery()
-            return sa.select(sub.c.id).distinct().order_by(sub.c.id)
+            return sa.select(sub.c.id).distinct().order_by(sub.c.id), True
         if kind == "people":
             return (sa.select(principals.c.id).where(principals.c.kind == "person", principals.c.active.is_(True))
-                    .order_by(principals.c.id))
+                    .order_by(principals.c.id)), False
         if kind == "organisations":
-            return sa.select(organisations.c.id).order_by(organisations.c.id)
-        return sa.select(mailboxes.c.id).where(lv.PUBLISHED_MAILBOX).order_by(mailboxes.c.id)
+            return sa.select(organisations.c.id).order_by(organisations.c.id), False
+        return sa.select(mailboxes.c.id).where(lv.PUBLISHED_MAILBOX).order_by(mailboxes.c.id), False
 
-    def _container(self, conn: sa.Connection, kind: str, run: _Run) -> None:
-        statement = self.candidates(kind, run.spec.filter)
-        if statement is None:
-            return
+    def _container(self, conn: _LazyConnection, kind: str, run: _Run) -> None:
         build = {"people": lv.people, "organisations": lv.organisation_entries,
                  "mailboxes": lv.mailbox_entries}[kind]
-        result = conn.execute(statement)
+        cache = run.view
+        key: tuple[str, Filter] | None = (kind, run.spec.filter) if cache is not None else None
+        cached = cache.candidates.get(key) if cache is not None and key is not None else None
+        statement: Any = None
+        if cached is None or not cached[1]:
+            statement, indexed = self._candidates(kind, run.spec.filter)
+            if statement is None:  # none can match (planned without SQL: not worth a place in the cache)
+                return
+            if not indexed:
+                key = None  # every id of the container: not kept
+        # A first small batch answers the common one-entry search quickly; under a size limit, no more
+        # candidates than the entries still to send, plus one to tell sizeLimitExceeded apart (every
+        # entry built beyond that is thrown away). Then batches grow up to `batch`.
+        size = min(50, self.batch)
+        if run.size_limit:
+            size = max(1, min(size, run.size_limit - run.sent + 1))
+        read: list[int] = []
+        if cached is not None:
+            ids, complete = cached
+            pos = 0
+            while pos < len(ids):
+                run.check()
+                chunk = ids[pos:pos + size]
+                pos += len(chunk)
+                self._offer(conn, kind, build, chunk, run)
+                size = min(self.batch, size * 4)
+            if complete:
+                return
+            if ids:  # go on in SQL after the last id kept (candidates are in ascending order)
+                statement = statement.where(statement.selected_columns[0] > ids[-1])
+            read = list(ids)
+        result = conn.get().execute(statement)
+        complete = False
         try:
-            size = min(50, self.batch)  # a first small batch answers the common one-entry search quickly
             while True:
                 run.check()
                 rows = result.fetchmany(size)
                 if not rows:
+                    complete = True
                     return
-                for entry in build(conn, [r[0] for r in rows], self.base):
-                    run.offer(IndexedEntry.of(entry, kind))
-                size = self.batch
+                chunk = [r[0] for r in rows]
+                if key is not None and len(read) <= EntryCache.MAX_IDS:
+                    read.extend(chunk)
+                self._offer(conn, kind, build, chunk, run)
+                size = min(self.batch, size * 4)
         finally:
             result.close()
+            if cache is not None and key is not None and (cached is None or len(read) > len(cached[0]) or complete):
+                cache.put_candidates(key, read, complete)
+
+    def _offer(self, conn: _LazyConnection, kind: str, build: Callable[..., list[lv.LdapEntry]], ids: list[int],
+               run: _Run) -> None:
+        """Offer the entries of `ids` (ascending) to the search, from the cache or built."""
+        cache = run.view
+        if cache is None:
+            for entry in build(conn.get(), ids, self.base):
+                run.offer(IndexedEntry.of(entry, kind))
+            return
+        entries = cache.entries
+        found: dict[int, Any] = {i: entries.get((kind, i)) for i in ids}
+        missing = [i for i, e in found.items() if e is None]
+        if missing:
+            built: dict[int, Any] = dict.fromkeys(missing, _NOT_PUBLISHED)
+            for made in build(conn.get(), missing, self.base):
+                assert made.key is not None
+                built[made.key] = IndexedEntry.of(made, kind)
+            cache.put_entries(kind, built)
+            found.update(built)
+        for i in ids:
+            cached = found[i]
+            if cached is not _NOT_PUBLISHED:
+                run.offer(cached)
 
 
 def _scope_from_root(scope: Scope) -> Scope:
@@ -1595,30 +1836,87 @@ def _scope_from_root(scope: Scope) -> Scope:
     return Scope.BASE if scope is Scope.ONE else Scope.SUBTREE if scope is Scope.SUBORDINATE else scope
 
 
+class AttributeSelection:
+    """The attributes a search returns (RFC 4511 §4.5.1.8), worked out once per search from its requested
+    list: none with "1.1" alone, every user attribute with none requested or "*", operational ones (the root
+    DSE's) with "+" or by name."""
+
+    __slots__ = ("_names", "all_operational", "all_user", "keys", "nothing_named", "types_only")
+
+    def __init__(self, requested: Sequence[str], types_only: bool) -> None:
+        names = [r.strip() for r in requested]
+        wanted = [n for n in names if n and n != "1.1"]
+        self.all_user = not wanted and "1.1" not in names or "*" in wanted
+        self.all_operational = "+" in wanted
+        self.nothing_named = not wanted and "1.1" not in names  # the root DSE then shows its attributes
+        self.types_only = types_only
+        keys: set[str] = set()
+        for name in wanted:
+            if name in ("*", "+"):
+                continue
+            desc = AttributeDescription.parse(name.encode("ascii", "replace"))
+            if desc.type is not None and not desc.options:
+                keys.add(desc.type.key)
+        self.keys = frozenset(keys)
+        self._names: dict[str, tuple[str, bool]] = {}  # attribute name → (key, operational)
+
+    def select(self, entry: IndexedEntry) -> list[tuple[str, list[Any]]]:
+        all_operational = self.all_operational or (entry.operational and self.nothing_named)
+        out = []
+        names = self._names
+        for name, values in entry.entry.attributes.items():
+            known = names.get(name)
+            if known is None:
+                key = name.split(";", 1)[0].lower()
+                known = names[name] = (key, key in OPERATIONAL)
+            key, operational = known
+            if (operational and all_operational) or (not operational and self.all_user) or key in self.keys:
+                out.append((name, [] if self.types_only else list(values)))
+        return out
+
+    def encode(self, msg_id: int, entry: IndexedEntry) -> bytes:
+        """The SearchResultEntry message (RFC 4511 §4.5.2), BER as ldaptor writes it (a test compares)."""
+        attributes = b"".join(
+            _tlv(0x30, _tlv(0x04, name.encode("utf-8")) + _tlv(0x31, b"".join(_tlv(0x04, _octets(v)) for v in values)))
+            for name, values in self.select(entry))
+        body = _tlv(0x64, _tlv(0x04, entry.dn.encode("utf-8")) + _tlv(0x30, attributes))
+        return _tlv(0x30, _tlv(0x02, _integer(msg_id)) + body)
+
+
+def _integer(value: int) -> bytes:
+    return value.to_bytes((value.bit_length() + 8) // 8, "big", signed=True)
+
+
+def encode_search_done(msg_id: int, code: int, matched_dn: str = "", message: str = "") -> bytes:
+    """The SearchResultDone message (RFC 4511 §4.5.2), BER as ldaptor writes it (a test compares)."""
+    result = _tlv(0x0A, _integer(code)) + _tlv(0x04, matched_dn.encode("utf-8")) + _tlv(0x04, message.encode("utf-8"))
+    return _tlv(0x30, _tlv(0x02, _integer(msg_id)) + _tlv(0x65, result))
+
+
+def _octets(value: Any) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    """One BER element with a definite length in its shortest form (X.690 §8.1.3, as ldaptor encodes)."""
+    n = len(content)
+    if n < 0x80:
+        return bytes((tag, n)) + content
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(raw))) + raw + content
+
+
 def select_attributes(entry: IndexedEntry, requested: Sequence[str], types_only: bool) -> list[tuple[str, list[Any]]]:
-    """The attributes of `entry` to return (RFC 4511 §4.5.1.8): none with "1.1" alone, every user attribute
-    with none requested or "*", operational ones (the root DSE's) with "+" or by name."""
-    names = [r.strip() for r in requested]
-    wanted = [n for n in names if n and n != "1.1"]
-    all_user = not wanted and "1.1" not in names or "*" in wanted
-    all_operational = "+" in wanted or (entry.operational and (not wanted and "1.1" not in names))
-    keys: set[str] = set()
-    for name in wanted:
-        if name in ("*", "+"):
-            continue
-        desc = AttributeDescription.parse(name.encode("ascii", "replace"))
-        if desc.type is not None and not desc.options:
-            keys.add(desc.type.key)
-    out = []
-    for name, values in entry.entry.attributes.items():
-        key = name.split(";", 1)[0].lower()
-        operational = key in OPERATIONAL
-        if (operational and all_operational) or (not operational and all_user) or key in keys:
-            out.append((name, [] if types_only else list(values)))
-    return out
+    """The attributes of `entry` to return (RFC 4511 §4.5.1.8): see `AttributeSelection`."""
+    return AttributeSelection(requested, types_only).select(entry)
 
 
 def encode_entry(msg_id: int, entry: IndexedEntry, requested: Sequence[str], types_only: bool) -> bytes:
+    return AttributeSelection(requested, types_only).encode(msg_id, entry)
+
+
+def encode_entry_ldaptor(msg_id: int, entry: IndexedEntry, requested: Sequence[str], types_only: bool) -> bytes:
+    """The same message encoded by ldaptor (the reference the tests compare `encode_entry` with)."""
     response = pureldap.LDAPSearchResultEntry(objectName=entry.dn,
                                               attributes=select_attributes(entry, requested, types_only))
     return pureldap.LDAPMessage(response, id=msg_id).toWire()  # type: ignore[no-any-return]
@@ -1650,7 +1948,8 @@ class _Pending:
 
 
 class LdapServerProtocol(LDAPServer):  # type: ignore[misc]
-    """One LDAPS connection. Decoding is ours (`decode_message`); ldaptor encodes the responses."""
+    """One LDAPS connection. Decoding is ours (`decode_message`), and so is the encoding of search results
+    (`AttributeSelection.encode`, `encode_search_done`); ldaptor encodes the other responses."""
 
     def __init__(self, directory: LdapDirectory) -> None:
         super().__init__()
@@ -1791,9 +2090,13 @@ class LdapServerProtocol(LDAPServer):  # type: ignore[misc]
                                                                 errorMessage="unsupported extended operation"))
 
     def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` in the reactor's thread pool, at most `directory.workers` at a time: more threads than
+        pooled database connections make the pool open (and close) a connection per search, each with a
+        cold page cache, and more threads than that only contend for the GIL."""
         from twisted.internet import reactor
 
-        return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)  # type: ignore[attr-defined]
+        limiter = self.directory.limiter()
+        return limiter.run(deferToThreadPool, reactor, reactor.getThreadPool(), fn, *args)  # type: ignore[attr-defined]
 
     def search(self, message: Message) -> None:
         from twisted.internet import reactor
@@ -1812,8 +2115,10 @@ class LdapServerProtocol(LDAPServer):  # type: ignore[misc]
                 chunk_bytes[0] = 0
                 reactor.callFromThread(self.write_raw, data)  # type: ignore[attr-defined]
 
+        selection = AttributeSelection(spec.attributes, spec.types_only)
+
         def emit(entry: IndexedEntry) -> None:
-            encoded = encode_entry(message.id, entry, spec.attributes, spec.types_only)
+            encoded = selection.encode(message.id, entry)
             chunk.append(encoded)
             chunk_bytes[0] += len(encoded)
             if chunk_bytes[0] > 64 * 1024 or len(chunk) >= 20:
@@ -1830,8 +2135,7 @@ class LdapServerProtocol(LDAPServer):  # type: ignore[misc]
             self.pending.pop(message.id, None)
             if pending.cancelled.is_set() and outcome.code is ResultCode.SUCCESS:
                 return  # abandoned: no response (RFC 4511 §4.11)
-            self.send(message.id, pureldap.LDAPSearchResultDone(resultCode=outcome.code, matchedDN=outcome.matched_dn,
-                                                                errorMessage=outcome.message))
+            self.write_raw(encode_search_done(message.id, outcome.code, outcome.matched_dn, outcome.message))
             self.log_search(message, outcome.code, outcome.entries, started)
 
         def failed(failure: Any) -> None:
@@ -1878,6 +2182,8 @@ class LdapServerProtocol(LDAPServer):  # type: ignore[misc]
         d.addCallbacks(done, failed)
 
     def log_search(self, message: Message, code: int, entries: int, started: float, note: str = "") -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         spec: SearchRequest = message.request
         ms = (time.monotonic() - started) * 1000 if started else 0.0
         log.info("event=ldap_search conn=%s op=%d base=%s scope=%s filter=%s result=%d entries=%d ms=%.1f%s",
@@ -1913,6 +2219,7 @@ def listen_ldaps(reactor: Any, directory: LdapDirectory, cert_file: Path, key_fi
 
 
 __all__ = [
+    "AttributeSelection",
     "LdapDirectory",
     "LdapServerFactory",
     "LdapServerProtocol",

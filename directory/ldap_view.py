@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class LdapEntry:
 
     dn: str
     attributes: dict[str, list[Any]] = field(default_factory=dict)
+    key: int | None = field(default=None, compare=False, repr=False)  # its row id (never published)
 
     def add(self, name: str, *values: Any) -> None:
         for value in values:
@@ -104,20 +106,47 @@ def _smime(der: bytes) -> bytes:
     return pkcs7.serialize_certificates([x509.load_der_x509_certificate(der)], Encoding.DER)
 
 
+# The statements of the builders are built once (with bound parameters): building and keying a SELECT costs
+# more than running it on a handful of ids, and searches build entries all the time.
+def _ids(name: str = "ids") -> Any:
+    return sa.bindparam(name, expanding=True)
+
+
+_VALID_CERTIFICATES: sa.Select[Any] = (
+    sa.select(certificates.c.principal_id, certificates.c.mailbox_id, certificates.c.usage, certificates.c.der)
+    .where(certificates.c.principal_id.in_(_ids()), certificates.c.usage.in_(_ids("usages")),
+           certificates.c.status == "valid", certificates.c.not_after > sa.bindparam("now"))
+    .order_by(certificates.c.not_after.desc(), certificates.c.id))
+
+
 def _valid_certificates(conn: sa.Connection, principal_ids: Sequence[int], usages: Iterable[str]) -> list[sa.Row[Any]]:
     if not principal_ids:
         return []
-    return list(conn.execute(
-        sa.select(certificates.c.principal_id, certificates.c.mailbox_id, certificates.c.usage, certificates.c.der)
-        .where(certificates.c.principal_id.in_(principal_ids), certificates.c.usage.in_(list(usages)),
-               certificates.c.status == "valid", certificates.c.not_after > dt.datetime.now(dt.UTC))
-        .order_by(certificates.c.not_after.desc(), certificates.c.id)))
+    return list(conn.execute(_VALID_CERTIFICATES, {"ids": list(principal_ids), "usages": list(usages),
+                                                   "now": dt.datetime.now(dt.UTC)}))
 
 
 def _add_certificates(entry: LdapEntry, ders: Iterable[bytes]) -> None:
     for der in ders:
         entry.add("userCertificate;binary", der)
         entry.add("userSMIMECertificate", _smime(der))
+
+
+# A value without any character RFC 4514 §2.4 escapes (the common case: addresses, national ids) is its own
+# escaped form; `ldap_schema.escape_rdn_value`, character by character, is only needed for the others.
+_NEEDS_ESCAPE = re.compile(r'[,+"\\<>;=\x00]|^[# ]|^$| $')
+
+
+def _mailbox_dn(address: str, base: str) -> str:
+    if _NEEDS_ESCAPE.search(address):
+        return ls.mailbox_dn(address, base)
+    return f"mail={address},ou={ls.MAILBOXES_OU},{base}"
+
+
+def _person_dn(national_id: str, base: str) -> str:
+    if _NEEDS_ESCAPE.search(national_id):
+        return ls.person_dn(national_id, base)
+    return f"uid={national_id},ou={ls.PEOPLE_OU},{base}"
 
 
 # PrintableString (RFC 4517 §3.3.29), the syntax of telephoneNumber and facsimileTelephoneNumber in
@@ -150,56 +179,64 @@ def _split_name(display_name: str, name_norm: str | None = None) -> tuple[str | 
     return " ".join(parts[:-1]), parts[-1]
 
 
+_PEOPLE: sa.Select[Any] = (
+    sa.select(principals.c.id, principals.c.national_id, principals.c.display_name, principals.c.name_norm,
+              practitioners.c.id_type, practitioners.c.identifier, practitioners.c.last_name,
+              practitioners.c.first_names, practitioners.c.exercise_civility_label,
+              practitioners.c.profession_code, practitioners.c.profession_label)
+    .select_from(principals.outerjoin(practitioners, practitioners.c.principal_id == principals.c.id))
+    .where(principals.c.id.in_(_ids()), principals.c.kind == "person", principals.c.active.is_(True),
+           # Public: a practitioner of the national directory (open data), or the holder of a published
+           # mailbox. A person whose only mailboxes are on the liste rouge is not published at all.
+           sa.or_(practitioners.c.principal_id.is_not(None),
+                  sa.exists().where(mailboxes.c.owner_id == principals.c.id, PUBLISHED_MAILBOX)))
+    .order_by(principals.c.id))
+_SKILLS: sa.Select[Any] = (
+    sa.select(practitioner_skills.c.practitioner_id, practitioner_skills.c.code, practitioner_skills.c.label)
+    .where(practitioner_skills.c.practitioner_id.in_(_ids()), practitioner_skills.c.kind == "savoir_faire")
+    .order_by(practitioner_skills.c.code))
+_SITES: sa.Select[Any] = (
+    sa.select(activities.c.practitioner_id, organisations.c.structure_id, organisations.c.postcode,
+              organisations.c.city)
+    .select_from(activities.join(organisations, organisations.c.id == activities.c.organisation_id))
+    .where(activities.c.practitioner_id.in_(_ids())).order_by(activities.c.id))
+_BOXES: sa.Select[Any] = (
+    sa.select(mailboxes.c.owner_id, mailboxes.c.address)
+    .where(mailboxes.c.owner_id.in_(_ids()), PUBLISHED_MAILBOX)
+    .order_by(mailboxes.c.preference, mailboxes.c.address))
+_SHOWN: sa.Select[Any] = sa.select(mailboxes.c.id).where(mailboxes.c.id.in_(_ids()), PUBLISHED_MAILBOX)
+
+
 def people(conn: sa.Connection, principal_ids: Sequence[int], base: str) -> list[LdapEntry]:
     """Entries of the given person principals (inactive ones and organisations left out), in id order."""
     ids = sorted(set(principal_ids))
     if not ids:
         return []
-    rows = conn.execute(
-        sa.select(principals.c.id, principals.c.national_id, principals.c.display_name, principals.c.name_norm,
-                  practitioners.c.id_type, practitioners.c.identifier, practitioners.c.last_name,
-                  practitioners.c.first_names, practitioners.c.exercise_civility_label,
-                  practitioners.c.profession_code, practitioners.c.profession_label)
-        .select_from(principals.outerjoin(practitioners, practitioners.c.principal_id == principals.c.id))
-        .where(principals.c.id.in_(ids), principals.c.kind == "person", principals.c.active.is_(True),
-               # Public: a practitioner of the national directory (open data), or the holder of a published
-               # mailbox. A person whose only mailboxes are on the liste rouge is not published at all.
-               sa.or_(practitioners.c.principal_id.is_not(None),
-                      sa.exists().where(mailboxes.c.owner_id == principals.c.id, PUBLISHED_MAILBOX)))
-        .order_by(principals.c.id)).all()
+    rows = conn.execute(_PEOPLE, {"ids": ids}).all()
     found = [r.id for r in rows]
+    if not found:
+        return []
     skills: dict[int, list[sa.Row[Any]]] = defaultdict(list)
-    for r in conn.execute(sa.select(practitioner_skills.c.practitioner_id, practitioner_skills.c.code,
-                                    practitioner_skills.c.label)
-                          .where(practitioner_skills.c.practitioner_id.in_(found),
-                                 practitioner_skills.c.kind == "savoir_faire")
-                          .order_by(practitioner_skills.c.code)):
+    for r in conn.execute(_SKILLS, {"ids": found}):
         skills[r.practitioner_id].append(r)
     sites: dict[int, list[sa.Row[Any]]] = defaultdict(list)
-    for r in conn.execute(sa.select(activities.c.practitioner_id, organisations.c.structure_id,
-                                    organisations.c.postcode, organisations.c.city)
-                          .select_from(activities.join(organisations,
-                                                       organisations.c.id == activities.c.organisation_id))
-                          .where(activities.c.practitioner_id.in_(found)).order_by(activities.c.id)):
+    for r in conn.execute(_SITES, {"ids": found}):
         sites[r.practitioner_id].append(r)
     boxes: dict[int, list[str]] = defaultdict(list)
-    for r in conn.execute(sa.select(mailboxes.c.owner_id, mailboxes.c.address)
-                          .where(mailboxes.c.owner_id.in_(found), PUBLISHED_MAILBOX)
-                          .order_by(mailboxes.c.preference, mailboxes.c.address)):
+    for r in conn.execute(_BOXES, {"ids": found}):
         boxes[r.owner_id].append(r.address)
     certs: dict[int, list[bytes]] = defaultdict(list)
     enc = _valid_certificates(conn, found, ("enc",))
     # A certificate bound to a liste rouge (or closed) mailbox names that mailbox: not on the person either.
     bound = sorted({r.mailbox_id for r in enc if r.mailbox_id is not None})
-    shown = {r.id for r in conn.execute(sa.select(mailboxes.c.id).where(mailboxes.c.id.in_(bound),
-                                                                        PUBLISHED_MAILBOX))} if bound else set()
+    shown = {r.id for r in conn.execute(_SHOWN, {"ids": bound})} if bound else set()
     for r in enc:
         if r.mailbox_id is None or r.mailbox_id in shown:
             certs[r.principal_id].append(r.der)
 
     entries = []
     for r in rows:
-        entry = LdapEntry(ls.person_dn(r.national_id, base))
+        entry = LdapEntry(_person_dn(r.national_id, base), key=r.id)
         entry.add("objectClass", *PERSON_CLASSES)
         entry.add("uid", r.national_id)
         entry.add("caduceeNationalId", r.national_id)
@@ -224,10 +261,14 @@ def people(conn: sa.Connection, principal_ids: Sequence[int], base: str) -> list
             entry.add("caduceeStructureId", site.structure_id)
             entry.add("postalCode", site.postcode)
             entry.add("l", site.city)
-        entry.add("seeAlso", *(ls.mailbox_dn(a, base) for a in boxes[r.id]))
+        entry.add("seeAlso", *(_mailbox_dn(a, base) for a in boxes[r.id]))
         _add_certificates(entry, certs[r.id])
         entries.append(entry)
     return entries
+
+
+_ORGANISATIONS: sa.Select[Any] = (
+    sa.select(organisations).where(organisations.c.id.in_(_ids())).order_by(organisations.c.id))
 
 
 def organisation_entries(conn: sa.Connection, organisation_ids: Sequence[int], base: str) -> list[LdapEntry]:
@@ -235,11 +276,10 @@ def organisation_entries(conn: sa.Connection, organisation_ids: Sequence[int], b
     ids = sorted(set(organisation_ids))
     if not ids:
         return []
-    rows = conn.execute(sa.select(organisations).where(organisations.c.id.in_(ids))
-                        .order_by(organisations.c.id)).all()
+    rows = conn.execute(_ORGANISATIONS, {"ids": ids}).all()
     entries = []
     for r in rows:
-        entry = LdapEntry(ls.organisation_dn(r.structure_id, base))
+        entry = LdapEntry(ls.organisation_dn(r.structure_id, base), key=r.id)
         entry.add("objectClass", *ORGANISATION_CLASSES)
         entry.add("uid", r.structure_id)
         entry.add("caduceeNationalId", r.structure_id)
@@ -256,33 +296,35 @@ def organisation_entries(conn: sa.Connection, organisation_ids: Sequence[int], b
     return entries
 
 
+_MAILBOXES: sa.Select[Any] = (
+    sa.select(mailboxes, principals.c.kind, principals.c.national_id, principals.c.display_name,
+              principals.c.name_norm,
+              principals.c.organisation, principals.c.active.label("owner_active"),
+              practitioners.c.last_name, practitioners.c.first_names,
+              practitioners.c.profession_code, practitioners.c.profession_label)
+    .select_from(mailboxes.join(principals, principals.c.id == mailboxes.c.owner_id)
+                 .outerjoin(practitioners, practitioners.c.principal_id == principals.c.id))
+    .where(mailboxes.c.id.in_(_ids()), PUBLISHED_MAILBOX)
+    .order_by(mailboxes.c.id))
+_STRUCTURE_NAMES: sa.Select[Any] = (sa.select(organisations.c.structure_id, organisations.c.name)
+                    .where(organisations.c.structure_id.in_(_ids())))
+
+
 def mailbox_entries(conn: sa.Connection, mailbox_ids: Sequence[int], base: str) -> list[LdapEntry]:
     """Entries of the given mailboxes (liste rouge and inactive ones left out), in id order."""
     ids = sorted(set(mailbox_ids))
     if not ids:
         return []
-    rows = conn.execute(
-        sa.select(mailboxes, principals.c.kind, principals.c.national_id, principals.c.display_name,
-                  principals.c.name_norm,
-                  principals.c.organisation, principals.c.active.label("owner_active"),
-                  practitioners.c.last_name, practitioners.c.first_names,
-                  practitioners.c.profession_code, practitioners.c.profession_label)
-        .select_from(mailboxes.join(principals, principals.c.id == mailboxes.c.owner_id)
-                     .outerjoin(practitioners, practitioners.c.principal_id == principals.c.id))
-        .where(mailboxes.c.id.in_(ids), PUBLISHED_MAILBOX)
-        .order_by(mailboxes.c.id)).all()
+    rows = conn.execute(_MAILBOXES, {"ids": ids}).all()
+    if not rows:
+        return []
     owners = sorted({r.owner_id for r in rows})
     skills: dict[int, list[sa.Row[Any]]] = defaultdict(list)
-    for s in conn.execute(sa.select(practitioner_skills.c.practitioner_id, practitioner_skills.c.code,
-                                    practitioner_skills.c.label)
-                          .where(practitioner_skills.c.practitioner_id.in_(owners),
-                                 practitioner_skills.c.kind == "savoir_faire")
-                          .order_by(practitioner_skills.c.code)):
+    for s in conn.execute(_SKILLS, {"ids": owners}):
         skills[s.practitioner_id].append(s)
     structures = {r.structure_id for r in rows if r.structure_id}
     structure_names = {s.structure_id: s.name for s in conn.execute(
-        sa.select(organisations.c.structure_id, organisations.c.name)
-        .where(organisations.c.structure_id.in_(sorted(structures))))} if structures else {}
+        _STRUCTURE_NAMES, {"ids": sorted(structures)})} if structures else {}
     # Certificates usable for a mailbox: those bound to it, and the owner's unbound ones.
     bound: dict[int, list[bytes]] = defaultdict(list)
     unbound: dict[int, list[bytes]] = defaultdict(list)
@@ -296,7 +338,7 @@ def mailbox_entries(conn: sa.Connection, mailbox_ids: Sequence[int], base: str) 
     for r in rows:
         if not r.owner_active:
             continue
-        entry = LdapEntry(ls.mailbox_dn(r.address, base))
+        entry = LdapEntry(_mailbox_dn(r.address, base), key=r.id)
         entry.add("objectClass", *MAILBOX_CLASSES)
         entry.add("mail", r.address)
         if r.mailbox_type == "PER" and r.kind == "person":

@@ -827,3 +827,194 @@ def test_the_documented_schema_is_the_schema() -> None:
     for c in ls.OBJECT_CLASSES:
         row = f"| `{c.name}` | `{c.oid}` | {', '.join(c.must) or '—'} | {', '.join(c.may)} |"
         assert row in doc, row
+
+
+# -- per-search work: the encoder, batches sized to the size limit, the entry cache ------------------------
+
+
+@pytest.mark.parametrize("requested", [(), ("*",), ("1.1",), ("cn", "mail"), ("+",), ("userCertificate;binary",),
+                                       ("cn", "1.1", "CN", "sn;lang-fr")])
+def test_the_entry_encoder_writes_what_ldaptor_writes(directory: LdapDirectory, published: list[srv.IndexedEntry],
+                                                       requested: tuple[str, ...]) -> None:
+    selection = srv.AttributeSelection(requested, False)
+    typed = srv.AttributeSelection(requested, True)
+    entries = [*published, directory.root_dse()]
+    for msg_id in (1, 127, 128, 255, 256, 2**31 - 1):
+        for e in entries:
+            assert selection.encode(msg_id, e) == srv.encode_entry_ldaptor(msg_id, e, requested, False), e.dn
+            assert typed.encode(msg_id, e) == srv.encode_entry_ldaptor(msg_id, e, requested, True), e.dn
+
+
+def test_the_search_result_done_encoder_writes_what_ldaptor_writes() -> None:
+    from ldaptor.protocols import pureldap
+
+    for msg_id in (1, 127, 128, 2**31 - 1):
+        for code in ResultCode:
+            for matched, text in (("", ""), (f"ou=mailboxes,{BASE}", "no such entry"), ("", "é" * 200)):
+                expected = pureldap.LDAPMessage(pureldap.LDAPSearchResultDone(
+                    resultCode=code, matchedDN=matched, errorMessage=text), id=msg_id).toWire()
+                assert srv.encode_search_done(msg_id, code, matched, text) == expected
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[list[int]]:
+    """Record the ids each call of the ldap_view builder `name` is given."""
+    calls: list[list[int]] = []
+    real = getattr(lv, name)
+
+    def counted(conn: sa.Connection, ids: Any, base: str) -> list[lv.LdapEntry]:
+        calls.append(list(ids))
+        return real(conn, ids, base)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(lv, name, counted)
+    return calls
+
+
+def test_a_size_limited_search_builds_no_more_entries_than_it_can_send(seeded: Seeded,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    d = LdapDirectory(seeded.engine, BASE, size_limit=0, time_limit=0, cache_ttl=0)
+    assert d.cache is None
+    calls = _counting(monkeypatch, "people")
+    outcome, dns = run(d, "(objectClass=inetOrgPerson)", f"ou=people,{BASE}", Scope.ONE, size=2)
+    assert (outcome.code, len(dns)) == (ResultCode.SIZE_LIMIT_EXCEEDED, 2)
+    assert [len(c) for c in calls][:1] == [3]  # two to send, one to tell sizeLimitExceeded
+    everything = run(d, "(objectClass=inetOrgPerson)", f"ou=people,{BASE}", Scope.ONE)[1]
+    assert dns == everything[:2]
+
+
+def test_the_entry_cache_serves_repeated_searches_and_follows_every_change(seeded: Seeded,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    d = LdapDirectory(seeded.engine, BASE, size_limit=0, time_limit=0)
+    assert d.cache is not None and d.watch.available
+    calls = _counting(monkeypatch, "mailbox_entries")
+    reference = LdapDirectory(seeded.engine, BASE, size_limit=0, time_limit=0, cache_ttl=0)
+    for text in ("(cn=secrétariat*)", "(mail=cardio.cab@caducee.test)", "(caduceeMailboxType=CAB)"):
+        first, again = run(d, text), run(d, text)
+        assert first == again == run(reference, text)
+    built = len(calls)
+    for text in ("(cn=secrétariat*)", "(mail=cardio.cab@caducee.test)", "(caduceeMailboxType=CAB)"):
+        run(d, text)
+    assert len(calls) == built  # nothing built again
+
+    def description() -> list[Any]:
+        found: list[srv.IndexedEntry] = []
+        d.search(SearchRequest(BASE.encode(), Scope.SUBTREE, 0, 0, False, flt("(mail=cardio.cab@caducee.test)"),
+                               ()), found.append)
+        return [v for e in found for v in e.values.get("description", [])]
+
+    before = description()
+    assert before == ["Secrétariat de  Cardiologie – Œdème"]
+    try:
+        with seeded.engine.begin() as conn:  # another connection commits: the next search sees it
+            conn.execute(sa.update(mailboxes).where(mailboxes.c.address == "cardio.cab@caducee.test")
+                         .values(description="Accueil"))
+        assert description() == ["Accueil"]
+        assert run(d, "(cn=secrétariat*)")[1] == run(reference, "(cn=secrétariat*)")[1]
+        with seeded.engine.begin() as conn:  # on the liste rouge: gone at once
+            conn.execute(sa.update(mailboxes).where(mailboxes.c.address == "cardio.cab@caducee.test")
+                         .values(liste_rouge=True))
+        assert run(d, "(mail=cardio.cab@caducee.test)")[1] == []
+        assert run(d, "(caduceeMailboxType=CAB)") == run(reference, "(caduceeMailboxType=CAB)")
+    finally:
+        with seeded.engine.begin() as conn:
+            conn.execute(sa.update(mailboxes).where(mailboxes.c.address == "cardio.cab@caducee.test")
+                         .values(description=before[0], liste_rouge=False))
+    assert description() == before
+
+
+def test_the_entry_cache_is_emptied_after_its_ttl_even_without_a_change_signal(
+        seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = LdapDirectory(seeded.engine, BASE, size_limit=0, time_limit=0, cache_ttl=30)
+    assert d.cache is not None
+    monkeypatch.setattr(d.watch, "version", lambda: 0)  # as if no change could be seen
+    run(d, "(mail=nobody@caducee.test)")  # the word indexes are built (which empties the cache)
+    calls = _counting(monkeypatch, "mailbox_entries")
+    run(d, f"(mail={LEGALL_MAIL})")
+    run(d, f"(mail={LEGALL_MAIL})")
+    assert len(calls) == 1
+    d.cache.started -= 31  # older than its TTL
+    run(d, f"(mail={LEGALL_MAIL})")
+    assert len(calls) == 2
+
+
+def test_a_search_that_started_before_a_change_does_not_fill_the_next_generation(seeded: Seeded) -> None:
+    cache = srv.EntryCache(ttl=60)
+    old = cache.sync(1)
+    assert cache.sync(1) is old
+    new = cache.sync(2)  # the database changed
+    assert new is not old
+    old.put_entries("mailboxes", {1: "stale"})
+    old.put_candidates(("mailboxes", flt("(mail=x@y)")), [1], True)
+    assert new.entries == {} and new.candidates == {}
+    small = srv.CacheView(max_entries=2, max_filters=1)
+    small.put_entries("people", {1: "a", 2: "b", 3: "c"})
+    assert list(small.entries) == [("people", 2), ("people", 3)]
+    small.put_candidates(("people", flt("(cn=a*)")), list(range(5000)), True)
+    small.put_candidates(("people", flt("(cn=b*)")), [1], True)
+    assert list(small.candidates.values()) == [([1], True)]
+    small.put_candidates(("people", flt("(cn=a*)")), list(range(5000)), True)
+    ids, complete = small.candidates[("people", flt("(cn=a*)"))]
+    assert len(ids) == srv.EntryCache.MAX_IDS and not complete  # a prefix, read on in SQL when needed
+
+
+def test_no_entry_cache_without_a_change_signal() -> None:
+    memory = make_engine("sqlite://")
+    try:
+        assert not srv.ChangeWatch(memory).available
+        assert LdapDirectory(memory, BASE).cache is None
+    finally:
+        memory.dispose()
+
+
+def test_candidates_kept_as_a_prefix_are_read_on_in_sql(seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = LdapDirectory(seeded.engine, BASE, size_limit=0, time_limit=0, batch=1)
+    reference = LdapDirectory(seeded.engine, BASE, size_limit=0, time_limit=0, cache_ttl=0)
+    monkeypatch.setattr(srv.EntryCache, "MAX_IDS", 1)
+    text, people = "(|(uid=8*)(uid=0*))", f"ou=people,{BASE}"
+    full = run(reference, text, people, Scope.ONE)[1]
+    assert len(full) > 3
+    run(d, "(uid=nobody)", people, Scope.ONE)  # the word indexes are built (which empties the cache)
+    assert run(d, text, people, Scope.ONE, size=1)[0].code is ResultCode.SIZE_LIMIT_EXCEEDED
+    assert d.cache is not None
+    (ids, complete), = (v for k, v in d.cache.view.candidates.items() if k[1] == flt(text))
+    assert len(ids) == 1 and not complete
+    assert run(d, text, people, Scope.ONE)[1] == full
+    assert run(d, text, people, Scope.ONE)[1] == full
+
+
+def test_searches_and_compares_run_a_few_at_a_time(seeded: Seeded) -> None:
+    d = LdapDirectory(seeded.engine, BASE)
+    size = seeded.engine.pool.size()  # type: ignore[attr-defined]
+    assert 1 <= d.workers <= min(size, 4)
+    assert LdapDirectory(seeded.engine, BASE, workers=2).limiter().limit == 2
+
+
+def test_the_fast_dns_of_the_view_are_the_escaped_ones() -> None:
+    import itertools
+
+    from directory import ldap_schema as ls
+
+    chars = ["a", " ", ",", "+", '"', "\\", "<", ">", ";", "=", "#", "\x00", "é", "@"]
+    values = ["", *("".join(p) for n in (1, 2, 3) for p in itertools.product(chars, repeat=n)),
+              "praticien.1@bench.mssante.fr", " lead", "trail ", "#x", "a#b"]
+    for v in values:
+        assert lv._mailbox_dn(v, BASE) == ls.mailbox_dn(v, BASE), repr(v)
+        assert lv._person_dn(v, BASE) == ls.person_dn(v, BASE), repr(v)
+
+
+def test_word_indexes_are_rebuilt_only_when_the_database_changed(seeded: Seeded) -> None:
+    d = LdapDirectory(seeded.engine, BASE, size_limit=0, time_limit=0, word_index_ttl=3600)
+    run(d, "(cn=yann*)")
+    built = d.planner.orphans
+    assert built is not None
+    built.built -= 4000  # due
+    run(d, "(cn=yann*)")
+    assert d.planner.orphans is built and time.monotonic() - built.built < 60  # the same, younger
+    with seeded.engine.begin() as conn:
+        conn.execute(sa.update(mailboxes).where(mailboxes.c.address == LEGALL_MAIL).values(service="x"))
+    try:
+        built.built -= 4000
+        run(d, "(cn=yann*)")
+        assert d.planner.orphans is not built
+    finally:
+        with seeded.engine.begin() as conn:
+            conn.execute(sa.update(mailboxes).where(mailboxes.c.address == LEGALL_MAIL).values(service=None))
