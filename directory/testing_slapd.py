@@ -1,5 +1,5 @@
 """A real, private OpenLDAP `slapd` for the tests and the benchmarks, configured the way `deploy/openldap` says
-to (tests/directory/slapd.py re-exports this module; `caducee bench ldap` loads the published directory into
+to (the tests start theirs from here; `caducee bench ldap` loads the published directory into
 one with :meth:`Slapd.load`, offline, before starting it).
 
 One :class:`Slapd` is a complete server in its own directory: a `cn=config` tree (`slapd.d/`, built with

@@ -1,5 +1,5 @@
 """Fixtures of the directory tests: a node's state folder with the demo directory, and private slapd servers
-(tests/directory/slapd.py) whose certificates come from that node's dev PKI."""
+(directory/testing_slapd.py) whose certificates come from that node's dev PKI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import directory.ldap_client  # noqa: F401 - imports ldap3 first, under a filter of pyasn1's deprecation warnings
-from tests.directory.slapd import LDAPSEARCH, SLAPADD, SLAPD, SLAPTEST, Slapd, SlapdTls
+from directory.testing_slapd import LDAPSEARCH, SLAPADD, SLAPD, SLAPTEST, Slapd, SlapdTls
 
 LDAP_TOOLS = (SLAPD, SLAPADD, SLAPTEST, LDAPSEARCH)
 

@@ -32,7 +32,7 @@ from directory.discovery import (
     discovery_endpoint,
     is_encryption_certificate,
 )
-from tests.directory.slapd import Slapd
+from directory.testing_slapd import Slapd
 
 BASE = "dc=autre,dc=test"
 MAILBOX_CLASSES = ["top", "person", "organizationalPerson", "inetOrgPerson", "caduceeMailbox"]

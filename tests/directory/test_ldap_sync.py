@@ -1,4 +1,4 @@
-"""`caducee directory publish` against a real OpenLDAP slapd (tests/directory/slapd.py).
+"""`caducee directory publish` against a real OpenLDAP slapd (directory/testing_slapd.py).
 
 The node is a demo state folder (three practitioners with mailboxes and certificates, a laboratory with
 an ORG and an APP mailbox) plus the national sample file of tests/fixtures/rpps; slapd's suffix is the
@@ -42,7 +42,7 @@ from directory.model import CertificateUsage
 from directory.schema import ldap_published, ldap_targets, organisations, practitioners
 from directory.store import DirectoryStore
 from mailserver.db import make_engine
-from tests.directory.slapd import Slapd, SlapdTls, ldif_entry
+from directory.testing_slapd import Slapd, SlapdTls, ldif_entry
 from tests.directory.test_importers import ACTIVITY_52, DUPRE, HOSPITAL, LEFEVRE
 
 Run = Callable[..., tuple[int, str, str]]

@@ -9,7 +9,7 @@ import pytest
 
 from directory import ldap_schema
 from directory.ldap_client import ldap3  # imported there, deprecation warnings filtered
-from tests.directory.slapd import (
+from directory.testing_slapd import (
     DEPLOY_DIR,
     SCHEMA_DIR,
     SYSTEM_SCHEMAS,
@@ -34,7 +34,7 @@ def test_slaptest_accepts_the_schema_in_slapd_conf_form(tmp_path: Path, ldap_too
 
 def test_the_schema_needs_inetorgperson_first(tmp_path: Path, ldap_tools: None) -> None:
     """The order documented in caducee.ldif matters: without inetorgperson, `displayName` is unknown."""
-    from tests.directory.slapd import SlapdError
+    from directory.testing_slapd import SlapdError
 
     with pytest.raises(SlapdError, match="displayName"):
         slaptest_conf(tmp_path, [SCHEMA_DIR / "core.schema", SCHEMA_DIR / "cosine.schema",
