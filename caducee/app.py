@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,22 @@ log = logging.getLogger("caducee")
 
 class SafeFormatter(logging.Formatter):
     """Tracebacks without exception messages nor source lines: an exception's text may carry message or
-    patient data (a header value, an address, an INS), so the log gets the type and where it was raised."""
+    patient data (a header value, an address, an INS), so the log gets the type and where it was raised.
+
+    The time is formatted once per second (logging's `formatTime` calls localtime and strftime for every
+    line; a busy listener logs a line or two per message)."""
+
+    _second: int = -1
+    _stamp: str = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return (self.default_msec_format or "%s,%03d") % (self._stamp, record.msecs)
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's API
         import traceback
@@ -30,6 +46,10 @@ class SafeFormatter(logging.Formatter):
 
 
 def setup_logging(level: str) -> None:
+    # No line names its thread or process: skip looking them up for every record (logging's "Optimization").
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()

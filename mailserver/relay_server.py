@@ -31,7 +31,14 @@ from mailserver.headers import header_limits
 from mailserver.mdn import report_kind
 from mailserver.queue import Envelope, Queue, Recipient, new_queue_id
 from mailserver.replies import Reply
-from mailserver.smtp_protocol import IDENT, CaduceeSMTP, ehlo_lines, envelope_dsn, opaque_exception_reply
+from mailserver.smtp_protocol import (
+    IDENT,
+    CaduceeSMTP,
+    HookNames,
+    ehlo_lines,
+    envelope_dsn,
+    opaque_exception_reply,
+)
 from mailserver.trust_api import TrustLookup
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,7 @@ class RelayPeer:
     domain: str | None  # the MAIL FROM domain it vouched for (None for the null reverse-path)
 
 
-class RelayHandler:
+class RelayHandler(HookNames):
     def __init__(self, settings: RelaySettings, validator: CertificateValidator, trust: Any,
                  directory: DirectoryStore, queue: Queue, audit: AuditSink) -> None:
         self.settings = settings

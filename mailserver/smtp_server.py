@@ -25,7 +25,14 @@ from mailserver import policy, replies
 from mailserver.audit_api import AuditEvent, AuditSink
 from mailserver.auth import CertificateAuthenticator, Identity, LoginRefused
 from mailserver.queue import Envelope, Queue, Recipient, new_queue_id
-from mailserver.smtp_protocol import IDENT, CaduceeSMTP, ehlo_lines, envelope_dsn, opaque_exception_reply
+from mailserver.smtp_protocol import (
+    IDENT,
+    CaduceeSMTP,
+    HookNames,
+    ehlo_lines,
+    envelope_dsn,
+    opaque_exception_reply,
+)
 from mailserver.trust_api import TrustLookup
 
 log = logging.getLogger(__name__)
@@ -45,7 +52,7 @@ class SubmissionSMTP(CaduceeSMTP):
     """The submission listener's protocol (kept as a name for the submission role)."""
 
 
-class SubmissionHandler:
+class SubmissionHandler(HookNames):
     """aiosmtpd handler hooks: certificate login, sender and recipient checks, queueing."""
 
     def __init__(

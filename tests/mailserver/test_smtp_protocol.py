@@ -67,3 +67,38 @@ def test_a_failed_starttls_handshake_is_not_logged_as_an_internal_error(caplog: 
     assert [r.levelno for r in caplog.records] == [logging.INFO]
     assert "event=tls_handshake_failed error=ConnectionResetError" in caplog.text
     assert "peer gone" not in caplog.text
+
+
+def _full_tables(session: object, handler: object) -> tuple[set[str], set[str], set[str]]:
+    """The names aiosmtpd's SMTP.__init__ would collect from the complete attribute lists."""
+    def names(obj: object, prefix: str) -> set[str]:
+        return {n.replace(prefix, "", 1) for n in object.__dir__(obj) if n.startswith(prefix)}
+    auth = {n.replace("__", "-") for n in names(session, "auth_") | names(handler, "auth_")}
+    return names(session, "smtp_"), names(handler, "handle_"), auth
+
+
+@pytest.mark.parametrize("kind", ["submission", "relay"])
+def test_per_connection_tables_are_those_of_the_full_attribute_lists(kind: str) -> None:
+    import asyncio
+
+    from mailserver.relay_server import RelayHandler
+    from mailserver.smtp_protocol import CaduceeSMTP
+    from mailserver.smtp_server import SubmissionHandler, SubmissionSMTP
+
+    handler_cls, session_cls = ((SubmissionHandler, SubmissionSMTP) if kind == "submission"
+                                else (RelayHandler, CaduceeSMTP))
+    handler = object.__new__(handler_cls)
+    handler.connections = set()
+    loop = asyncio.new_event_loop()
+    try:
+        session = session_cls(handler, implicit_tls=True, loop=loop)
+        commands, hooks, auth = _full_tables(session, handler)
+        assert set(session._smtp_methods) == commands
+        assert set(session._handle_hooks) == hooks
+        assert set(session._auth_methods) == auth
+        assert {"EHLO", "MAIL", "RCPT", "DATA", "STARTTLS", "AUTH", "QUIT"} <= commands
+        assert {"EHLO", "MAIL", "RCPT", "DATA", "exception"} <= hooks
+        # dir() is short: no property is evaluated at each connection
+        assert "tls_ssl_object" not in dir(session) and len(dir(session)) == len(set(dir(session)))
+    finally:
+        loop.close()
