@@ -97,12 +97,21 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     ``cert_file`` is a PEM certificate, optionally followed by its chain (sent to clients as is).
     The context requests a client certificate and accepts any (or none): read it with
     :func:`peer_certificate_der` and validate it with :class:`crypto.validation.CertificateValidator`.
+
+    No session tickets (TLS 1.3 ``num_tickets = 0``, TLS 1.2 ``OP_NO_TICKET``): every connection makes a
+    full handshake, so the client proves possession of its key each time, and no ticket sealed under a
+    key that lives as long as the process can open past sessions (forward secrecy). OpenSSL's default
+    (two TLS 1.3 tickets after each handshake, each re-encoding the session with the client's
+    certificate) costs ~0.6 ms of CPU per connection (2.2 → 1.6 ms per server handshake, measured in
+    memory); the mail clients seen here (Python's smtplib, Postfix's smtp) open new sessions anyway.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _apply_profile(ctx)
     ctx.load_cert_chain(certfile=os.fspath(cert_file), keyfile=os.fspath(key_file))
     accept_any_client_certificate(ctx)
     restrict_key_exchange_groups(ctx)
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 

@@ -580,3 +580,17 @@ def test_openssl_s_client_tls12_aead_without_certificate(
     assert result.returncode == 0, result.stderr
     assert "Cipher is ECDHE-RSA-AES256-GCM-SHA384" in result.stdout
     assert "OK NONE" in result.stdout
+
+
+@needs_openssl
+@pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
+def test_no_session_ticket_is_issued(
+    version: str, asyncio_server: AsyncioTLSServer, permissive_server: AsyncioTLSServer, pki: DevPKI
+) -> None:
+    # The control: a server with OpenSSL's defaults sends tickets, and s_client shows them.
+    control = s_client(permissive_server.port, pki.ca_bundle_path, version)
+    assert control.returncode == 0 and "OK NONE" in control.stdout
+    assert "session ticket" in control.stdout.lower() or "Session-Ticket" in control.stdout
+    result = s_client(asyncio_server.port, pki.ca_bundle_path, version, "-verify_return_error")
+    assert result.returncode == 0 and "OK NONE" in result.stdout, result.stderr
+    assert "session ticket" not in result.stdout.lower() and "Session-Ticket" not in result.stdout
