@@ -123,6 +123,31 @@ def write_results(name: str, result: dict[str, Any], table: str, out_dir: Path |
     return json_path, md_path
 
 
+def publish(name: str, result: dict[str, Any], table: list[str], out_dir: Path | None = None) -> int:
+    """`write_results`, then the table and where it went on stdout; the exit status of a bench command."""
+    json_path, md_path = write_results(name, result, "\n".join(table), out_dir)
+    print("\n".join(table))
+    print(f"\nwrote {json_path} and {md_path}")
+    return 0
+
+
+def reference_postfix(server: Any, work: Path, pf_dir: Path) -> Any:
+    """The Postfix of the SMTP comparisons, not started: domain postfix.bench, mailbox bench@postfix.bench,
+    delivering to Maildir, with a server certificate from `server`'s development PKI (written under `work`)
+    and `server`'s CA as the only one it trusts for client certificates (REFERENCE.md §7)."""
+    from crypto.pki import DevPKI
+    from mailserver.testing import free_port
+    from mailserver.testing_postfix import PostfixPeer
+
+    pki = DevPKI.create_or_load(server.state / "pki")
+    issued = pki.issue_server(["mx.postfix.bench", "localhost"], ["127.0.0.1"], work / "postfix-cert",
+                              "postfix", structure_id="399999999900017", organisation="Postfix reference")
+    return PostfixPeer.create(pf_dir, domain="postfix.bench", hostname="mx.postfix.bench",
+                              cert_file=issued.chain_path, key_file=issued.key_path,
+                              ca_file=Path(server.ca_bundle), listen_port=free_port(),
+                              mailboxes=["bench@postfix.bench"])
+
+
 def fmt(value: float | None, digits: int = 0, suffix: str = "") -> str:
     if value is None:
         return "–"

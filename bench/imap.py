@@ -56,9 +56,9 @@ from bench.common import (
     cpu_seconds,
     fmt,
     machine,
+    publish,
     ratio_median,
     rotated,
-    write_results,
 )
 
 SIZE = 5120
@@ -609,10 +609,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": desc, "load_average_at_end": os.getloadavg(),
               "parameters": vars(args) | {"out": str(args.out) if args.out else None},
               "same_content_checked": len(checks) == 2, "tls": tls_used, "warmup_session_s": warmup, "rows": rows}
-    json_path, md_path = write_results("imap", result, "\n".join(table), args.out)
-    print("\n".join(table))
-    print(f"\nwrote {json_path} and {md_path}")
-    return 0
+    return publish("imap", result, table, args.out)
 
 
 def _dovecot_version() -> str | None:

@@ -52,9 +52,9 @@ from bench.common import (
     cpu_seconds,
     fmt,
     machine,
+    publish,
     ratio_median,
     rotated,
-    write_results,
 )
 
 with warnings.catch_warnings():
@@ -375,10 +375,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": desc | {"slapd": _slapd_version()}, "load_average_at_end": os.getloadavg(),
               "parameters": vars(args) | {"out": str(args.out) if args.out else None},
               "directory": counts | {"entries": entries}, "setup_seconds": setup, "checked": checked, "rows": rows}
-    json_path, md_path = write_results("ldap", result, "\n".join(table), args.out)
-    print("\n".join(table))
-    print(f"\nwrote {json_path} and {md_path}")
-    return 0
+    return publish("ldap", result, table, args.out)
 
 
 def _slapd_version() -> str | None:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import fmt, machine, rotated, write_results
+from bench.common import fmt, machine, publish, reference_postfix, rotated
 
 Reader = asyncio.StreamReader
 Writer = asyncio.StreamWriter
@@ -242,9 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     if nofile < want:
         p.error(f"RLIMIT_NOFILE is {nofile} (hard limit {hard}); {want} descriptors are needed")
 
-    from crypto.pki import DevPKI
-    from mailserver.testing import ServerProcess, free_port
-    from mailserver.testing_postfix import PostfixPeer, postfix_workdir
+    from mailserver.testing import ServerProcess
+    from mailserver.testing_postfix import postfix_workdir
 
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     desc = machine()
@@ -260,13 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         ident = server.identity("PER", 0)
         client = ssl.create_default_context(cafile=server.ca_bundle)
         client.load_cert_chain(ident["cert"], ident["key"])
-        pki = DevPKI.create_or_load(server.state / "pki")
-        issued = pki.issue_server(["mx.postfix.bench", "localhost"], ["127.0.0.1"], Path(tmp) / "postfix-cert",
-                                  "postfix", structure_id="399999999900017", organisation="Postfix reference")
-        postfix = PostfixPeer.create(pf_dir, domain="postfix.bench", hostname="mx.postfix.bench",
-                                     cert_file=issued.chain_path, key_file=issued.key_path,
-                                     ca_file=Path(server.ca_bundle), listen_port=free_port(),
-                                     mailboxes=["bench@postfix.bench"])
+        postfix = reference_postfix(server, Path(tmp), pf_dir)
         # One smtpd process per connection: the default limit (100) would queue the rest in the backlog.
         main_cf = postfix.config_dir / "main.cf"
         main_cf.write_text(main_cf.read_text() + f"\n# caducee bench memory\ndefault_process_limit = "
@@ -364,10 +357,7 @@ def main(argv: list[str] | None = None) -> int:
               "parameters": vars(args) | {"out": str(args.out) if args.out else None,
                                           "postfix_default_process_limit": process_limit},
               "results": results}
-    json_path, md_path = write_results("memory", result, "\n".join(table), args.out)
-    print("\n".join(table))
-    print(f"\nwrote {json_path} and {md_path}")
-    return 0
+    return publish("memory", result, table, args.out)
 
 
 if __name__ == "__main__":

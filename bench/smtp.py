@@ -39,9 +39,10 @@ from bench.common import (
     cpu_seconds,
     fmt,
     machine,
+    publish,
     ratio_median,
+    reference_postfix,
     rotated,
-    write_results,
 )
 
 SIZE = 5120
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(m not in ("reuse", "permsg") for m in modes) or not session_counts or min(session_counts) < 1:
         p.error("--modes takes reuse,permsg; --sessions positive integers")
 
-    from mailserver.testing import ServerProcess, free_port
-    from mailserver.testing_postfix import PostfixPeer, postfix_workdir
+    from mailserver.testing import ServerProcess
+    from mailserver.testing_postfix import postfix_workdir
 
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     desc = machine()
@@ -165,14 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         ident, rcpt = server.identity("PER", 0), server.identity("PER", 1)["address"]
         client = ssl.create_default_context(cafile=server.ca_bundle)
         client.load_cert_chain(ident["cert"], ident["key"])
-        from crypto.pki import DevPKI
-        pki = DevPKI.create_or_load(server.state / "pki")
-        issued = pki.issue_server(["mx.postfix.bench", "localhost"], ["127.0.0.1"], Path(tmp) / "postfix-cert",
-                                  "postfix", structure_id="399999999900017", organisation="Postfix reference")
-        postfix = PostfixPeer.create(pf_dir, domain="postfix.bench", hostname="mx.postfix.bench",
-                                     cert_file=issued.chain_path, key_file=issued.key_path,
-                                     ca_file=Path(server.ca_bundle), listen_port=free_port(),
-                                     mailboxes=["bench@postfix.bench"])
+        postfix = reference_postfix(server, Path(tmp), pf_dir)
         targets: dict[str, Target] = {}
         with server, postfix:
             if args.only != "postfix":
@@ -227,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"title": "SMTP with STARTTLS and client certificates: Caducée and Postfix", "started": started,
               "machine": desc, "load_average_at_end": __import__("os").getloadavg(),
               "parameters": vars(args) | {"out": str(args.out) if args.out else None}, "rows": rows}
-    json_path, md_path = write_results("smtp", result, "\n".join(table), args.out)
-    print("\n".join(table))
-    print(f"\nwrote {json_path} and {md_path}")
-    return 0
+    return publish("smtp", result, table, args.out)
 
 
 if __name__ == "__main__":
