@@ -45,7 +45,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from crypto.pki import DevPKI
-from mailserver.testing import free_port
+from mailserver.testing import DaemonLog, free_port
 
 __all__ = [
     "DEPLOY_DIR",
@@ -128,12 +128,16 @@ def ldif_entry(dn: str, attributes: dict[str, list[Any]]) -> str:
 
 
 @dataclass
-class Slapd:
+class Slapd(DaemonLog):
     """A private slapd in `workdir`; build it with :meth:`create`.
 
     Layout: `config.ldif` (what `slapd.d/` was built from), `slapd.d/` (cn=config), `db/` (mdb),
     `slapd.log`, `password` (the root password, mode 0600, for `ldapsearch -y` and `--password-file`).
     """
+
+    daemon = "slapd"
+    error = SlapdError
+    output_limit = 4000
 
     workdir: Path
     base: str
@@ -290,17 +294,6 @@ class Slapd:
             raise SlapdError(self._describe(f"{' '.join(args)} exited with {done.returncode}", done))
         return done
 
-    def _describe(self, what: str, done: subprocess.CompletedProcess[bytes] | None = None) -> str:
-        parts = [what]
-        if done is not None:
-            output = (done.stdout + done.stderr).decode("utf-8", "replace").strip()
-            if output:
-                parts.append(output[-4000:])
-        tail = self.log_text().splitlines()[-30:]
-        if tail:
-            parts.append("slapd log (last lines):\n" + "\n".join(tail))
-        return "\n".join(parts)
-
     def load(self, ldif: Path, *, timeout: float = 1800) -> None:
         """Load entries into the stopped server's database offline (`slapadd -q`, quick mode: no consistency
         checks, indexes built as it goes); parents must come before their children in the file."""
@@ -413,35 +406,10 @@ class Slapd:
 
     # -------------------- log
 
-    def log_size(self) -> int:
-        try:
-            return self.log_file.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, offset: int = 0) -> str:
-        try:
-            with self.log_file.open("rb") as log:
-                log.seek(offset)
-                return log.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
     def operations(self, offset: int = 0) -> collections.Counter[str]:
         """Operations received since `offset` in the log, by kind (ADD, MOD, DEL, SRCH, BIND, …)."""
         seen = {(m.group(1), m.group(2)): m.group(3) for m in _OPERATION_RE.finditer(self.log_text(offset))}
         return collections.Counter(seen.values())
-
-    def wait_for_log(self, pattern: str, *, offset: int = 0, timeout: float = 10) -> re.Match[str]:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            found = regex.search(self.log_text(offset))
-            if found is not None:
-                return found
-            if time.monotonic() > deadline:
-                raise SlapdError(self._describe(f"no log line matching {pattern!r} within {timeout} s"))
-            time.sleep(0.05)
 
 
 def slaptest_conf(workdir: Path, schema_files: list[Path], base: str = "dc=example,dc=test") -> str:

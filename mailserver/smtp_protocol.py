@@ -115,8 +115,7 @@ class HookNames:
         cls = type(self)
         names = HookNames._hook_names.get(cls)
         if names is None:
-            names = sorted(n for n in object.__dir__(self) if n.startswith(HookNames.HOOK_PREFIXES)
-                           and not n.startswith("__"))
+            names = sorted(n for n in object.__dir__(self) if n.startswith(HookNames.HOOK_PREFIXES))
             HookNames._hook_names[cls] = names
         return list(names)
 

@@ -7,6 +7,7 @@ fresh state folder (configuration, development PKI, demo identities).
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import re
@@ -260,7 +261,62 @@ def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> Any
         time.sleep(interval)
 
 
-class ThreadedTlsServer:
+class DaemonLog(abc.ABC):
+    """The log of a private reference daemon (Postfix, slapd) run by the tests and benchmarks: reading it
+    from an offset, waiting for a line, and describing a failure with its last lines. Subclasses give
+    `log_file`, `daemon` (the name in messages) and `error` (the exception raised)."""
+
+    daemon = "daemon"
+    error: type[Exception] = RuntimeError
+    output_limit: int | None = None  # characters of a failed command's output kept in a description
+
+    @property
+    @abc.abstractmethod
+    def log_file(self) -> Path:
+        """Where the daemon logs."""
+
+    def log_size(self) -> int:
+        """The current size of the log, an ``offset`` for :meth:`log_text` and :meth:`wait_for_log`."""
+        try:
+            return self.log_file.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_text(self, offset: int = 0) -> str:
+        """The log from byte ``offset``."""
+        try:
+            with self.log_file.open("rb") as log:
+                log.seek(offset)
+                return log.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, pattern: str, *, timeout: float = 10, offset: int = 0) -> re.Match[str]:
+        """The first match of the regular expression ``pattern`` in the log after ``offset``, waiting
+        for it up to ``timeout`` seconds."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = regex.search(self.log_text(offset))
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise self.error(self._describe(f"no log line matching {pattern!r} within {timeout} s"))
+            time.sleep(0.05)
+
+    def _describe(self, what: str, done: subprocess.CompletedProcess[bytes] | None = None) -> str:
+        parts = [what]
+        if done is not None:
+            output = (done.stdout + done.stderr).decode("utf-8", "replace").strip()
+            if output:
+                parts.append(output if self.output_limit is None else output[-self.output_limit:])
+        tail = self.log_text().splitlines()[-30:]
+        if tail:
+            parts.append(f"{self.daemon} log (last lines):\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+
+class ThreadedTlsServer(abc.ABC):
     """A TCP server on 127.0.0.1 run by its own asyncio loop in a thread, holding a server TLS context
     (for STARTTLS) made of `chain` and `key`: the scaffolding of the fake peer operators of the tests.
 
@@ -282,8 +338,9 @@ class ThreadedTlsServer:
         self._writers: set[Any] = set()
         self._thread = threading.Thread(target=self._loop.run_forever, name=self.thread_name, daemon=True)
 
+    @abc.abstractmethod
     async def _session(self, reader: Any, writer: Any) -> None:
-        raise NotImplementedError
+        """One client connection, until it ends."""
 
     def start(self, port: int = 0) -> Any:
         import asyncio

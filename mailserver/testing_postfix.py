@@ -41,6 +41,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
+from mailserver.testing import DaemonLog
+
 __all__ = [
     "MAILBOX_GROUP",
     "MAILBOX_USER",
@@ -175,12 +177,15 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 @dataclass
-class PostfixPeer:
+class PostfixPeer(DaemonLog):
     """A private Postfix instance in ``workdir``; build it with :meth:`create`.
 
     Layout of ``workdir``: ``config/`` (main.cf, master.cf, texthash tables), ``queue/``, ``data/``,
     ``maildir/<domain>/<local-part>/`` (Maildir, owned by :data:`MAILBOX_USER`), ``log/postfix.log``.
     """
+
+    daemon = "postfix"
+    error = PostfixError
 
     workdir: Path
     domain: str
@@ -438,17 +443,6 @@ bounce_queue_lifetime = {queue_lifetime}s
             raise PostfixError(self._describe(f"{' '.join(args)} exited with {done.returncode}", done))
         return done
 
-    def _describe(self, what: str, done: subprocess.CompletedProcess[bytes] | None = None) -> str:
-        parts = [what]
-        if done is not None:
-            output = (done.stdout + done.stderr).decode("utf-8", "replace").strip()
-            if output:
-                parts.append(output)
-        tail = self.log_text().splitlines()[-30:]
-        if tail:
-            parts.append("postfix log (last lines):\n" + "\n".join(tail))
-        return "\n".join(parts)
-
     def check(self) -> None:
         """``postfix check``: configuration and file permissions; any warning is an error."""
         done = self._run(POSTFIX, "-c", str(self.config_dir), "check", check=False)
@@ -583,34 +577,3 @@ bounce_queue_lifetime = {queue_lifetime}s
         files = [p for sub in ("new", "cur") if (box / sub).is_dir() for p in (box / sub).iterdir() if p.is_file()]
         files.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
         return [p.read_bytes() for p in files]
-
-    # -------------------- log
-
-    def log_size(self) -> int:
-        """The current size of the log, an ``offset`` for :meth:`log_text` and :meth:`wait_for_log`."""
-        try:
-            return self.log_file.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, offset: int = 0) -> str:
-        """Postfix's log (from byte ``offset``)."""
-        try:
-            with self.log_file.open("rb") as log:
-                log.seek(offset)
-                return log.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_for_log(self, pattern: str, *, timeout: float = 10, offset: int = 0) -> re.Match[str]:
-        """The first match of the regular expression ``pattern`` in the log after ``offset``, waiting
-        for it up to ``timeout`` seconds."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            found = regex.search(self.log_text(offset))
-            if found is not None:
-                return found
-            if time.monotonic() > deadline:
-                raise PostfixError(self._describe(f"no log line matching {pattern!r} within {timeout} s"))
-            time.sleep(0.05)
