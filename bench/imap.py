@@ -171,7 +171,7 @@ def generate(count: int, rcpt: str, size: int, seed: int = 1) -> list[bytes]:
 
 
 def fill_caducee(state: Path, address: str, raws: list[bytes]) -> None:
-    """Deliver `raws` into the INBOX of `address` as local delivery does (blob, then row), before start."""
+    """Deliver `raws` into the INBOX of `address` as local delivery does (body, then row), before start."""
     import sqlalchemy as sa
 
     from caducee.config import load
@@ -184,14 +184,13 @@ def fill_caducee(state: Path, address: str, raws: list[bytes]) -> None:
 
     cfg = load(state)
     engine = make_engine(cfg.database_url, writer=True)
-    blobs = BlobStore(cfg.path(cfg.storage.blobs))
+    blobs = BlobStore(cfg.path(cfg.storage.blobs), engine=engine, inline_max=cfg.storage.inline_max)
     try:
         with engine.connect() as conn:
             mailbox_id = conn.execute(sa.select(mailboxes.c.id).where(mailboxes.c.address == address)).scalar_one()
-        addresses = [blobs.put(raw) for raw in raws]
-        blobs.flush()
         with engine.begin() as conn:
-            for n, (raw, blob) in enumerate(zip(raws, addresses, strict=True)):
+            for n, raw in enumerate(raws):
+                blob = blobs.put_in(conn, raw)
                 when = dt.datetime.fromtimestamp(BASE_TIME + 60 * n, dt.UTC)
                 fid, uid = deliver_in(conn, mailbox_id, blob, len(raw), header_message_id=header_message_id(raw),
                                       queue_recipient_id=None, internaldate=when)
@@ -199,6 +198,7 @@ def fill_caducee(state: Path, address: str, raws: list[bytes]) -> None:
                 if flags:
                     conn.execute(sa.update(messages).where(messages.c.folder_id == fid, messages.c.uid == uid)
                                  .values(flags=" ".join(sorted(flags))))
+            blobs.flush()  # bodies too large for a row are files: durable before the rows naming them
     finally:
         engine.dispose()
 

@@ -108,7 +108,7 @@ async def start(cfg: Config) -> Node:
     read_engine = make_engine(cfg.database_url)
     writer = Writer(make_engine(cfg.database_url, writer=True))
     writer.start()
-    blobs = BlobStore(cfg.path(cfg.storage.blobs))
+    blobs = BlobStore(cfg.path(cfg.storage.blobs), engine=read_engine, inline_max=cfg.storage.inline_max)
     directory = DirectoryStore(read_engine)
     validator = CertificateValidator.from_files(cfg.path(cfg.tls.trust_anchors),
                                                 [cfg.path(p) for p in cfg.tls.crls])

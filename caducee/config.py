@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailserver.blobs import INLINE_LIMIT, INLINE_MAX
+
 
 class ConfigError(Exception):
     """All the problems found in one configuration file."""
@@ -113,6 +115,7 @@ class DatabaseConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     blobs: Path = Path("blobs")
+    inline_max: int = INLINE_MAX
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,10 @@ def _convert(section: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, int):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError("expected an integer")
+        if section == "storage" and key == "inline_max":
+            if not 0 <= value <= INLINE_LIMIT:
+                raise ValueError(f"expected 0 (every body a file) to {INLINE_LIMIT} bytes")
+            return value
         if value <= 0:
             raise ValueError("must be positive")
         return value
@@ -368,8 +375,11 @@ timeout = {d.discovery.timeout}
 url = "{d.database.url}"
 
 [storage]
-# Message bodies, content-addressed.
+# Message bodies, content-addressed: those of at most inline_max bytes are database rows, committed
+# with the queue entry that names them (one log write per batch of messages); larger ones are files
+# in this folder. 0 keeps every body in a file.
 blobs = "{d.storage.blobs}"
+inline_max = {d.storage.inline_max}
 
 [limits]
 max_message_size = {d.limits.max_message_size}   # bytes, announced with SIZE (RFC 1870)

@@ -129,6 +129,7 @@ SEARCH_BATCH = 64  # messages evaluated between two returns to the reactor
 # objects are freed before CPython's first garbage-collector generation fills (700 allocations), so a
 # listing of a large folder triggers no collection and promotes nothing to the older generations.
 FETCH_BATCH = 200
+_NO_CONTENT = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE"})  # fetch-atts the rows answer
 _MAX_NUMBER = 4294967295  # RFC 3501 §9 number / nz-number
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -1395,9 +1396,15 @@ class ParseCache:
                  max_bytes: int = PARSE_CACHE_BYTES) -> None:
         self._store = store
         self._entries: OrderedDict[str, ParsedMessage] = OrderedDict()
+        self._batch: dict[str, bytes] = {}  # small bodies of the FETCH batch being rendered (`preload`)
         self._bytes = 0
         self._max_entries = max_entries
         self._max_bytes = max_bytes
+
+    def preload(self, blobs: Sequence[str]) -> None:
+        """Read together the small ones of `blobs` (the messages of the FETCH batch about to be rendered),
+        replacing the previous batch's: one query instead of one read per message."""
+        self._batch = self._store.read_small(blobs) if blobs else {}
 
     def header(self, blob: str) -> bytes:
         """The header block of a message: from the session's copy if it has one, else read alone (a
@@ -1405,6 +1412,9 @@ class ParseCache:
         parsed = self._entries.get(blob)
         if parsed is not None:
             return split_message(parsed.raw)[0]
+        raw = self._batch.get(blob)
+        if raw is not None:
+            return split_message(raw)[0]
         return self._store.read_header(blob)
 
     def get(self, blob: str) -> ParsedMessage:
@@ -1412,7 +1422,8 @@ class ParseCache:
         if parsed is not None:
             self._entries.move_to_end(blob)
             return parsed
-        parsed = ParsedMessage(self._store.read_blob(blob))
+        raw = self._batch.get(blob)
+        parsed = ParsedMessage(raw if raw is not None else self._store.read_blob(blob))
         self._entries[blob] = parsed
         self._bytes += len(parsed.raw)
         while self._entries and (len(self._entries) > self._max_entries or self._bytes > self._max_bytes):
@@ -1809,17 +1820,28 @@ class StoreMailbox:
         current = {m.uid: m for m in found}
         return [(seq, StoreMessage(current[u], cache, u in recent)) for seq, u in pairs if u in current]
 
-    def iter_messages(self, pairs: Sequence[tuple[int, int]]) -> Iterator[tuple[int, StoreMessage]]:
+    def iter_messages(self, pairs: Sequence[tuple[int, int]], *,
+                      content: bool = False) -> Iterator[tuple[int, StoreMessage]]:
         """:meth:`messages_for`, read from the store :data:`FETCH_BATCH` messages at a time as the caller
         consumes them (a FETCH response is streamed: a large folder is never held whole, and its objects
         die young instead of loading the garbage collector's oldest generation).  The first batch is
-        read at once, so a store failure fails the command before any response is sent."""
-        first = self.messages_for(pairs[:FETCH_BATCH])
+        read at once, so a store failure fails the command before any response is sent. With `content`
+        (the FETCH needs headers or bodies), the small bodies of each batch are read together with it."""
+
+        def read(batch: Sequence[tuple[int, int]]) -> list[tuple[int, StoreMessage]]:
+            found = self.messages_for(batch)
+            if content:
+                self.account.cache.preload([m.stored.blob for _, m in found])
+            return found
+
+        first = read(pairs[:FETCH_BATCH])
 
         def batches() -> Iterator[tuple[int, StoreMessage]]:
             yield from first
             for start in range(FETCH_BATCH, len(pairs), FETCH_BATCH):
-                yield from self.messages_for(pairs[start : start + FETCH_BATCH])
+                yield from read(pairs[start : start + FETCH_BATCH])
+            if content:
+                self.account.cache.preload([])  # the last batch's bodies are not kept past the command
 
         return batches()
 
@@ -3105,7 +3127,9 @@ class IMAPServer(imap4.IMAP4Server):
                             for s, m in selected]
             chunks = (render_fetch(seq, msg, items, msg.getUID() in seen_set) for seq, msg in selected)
         else:
-            chunks = (render_fetch(seq, msg, items, False) for seq, msg in mbox.iter_messages(pairs))
+            content = any(i.name not in _NO_CONTENT for i in items)
+            chunks = (render_fetch(seq, msg, items, False)
+                      for seq, msg in mbox.iter_messages(pairs, content=content))
         await _ResponseStream(self.transport, chunks).start()
         self._ok(tag, b"FETCH completed")
 

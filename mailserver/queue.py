@@ -1,12 +1,13 @@
 """The durable queue (DESIGN.md §3).
 
-`enqueue` returns only when the body blob is fsynced and the queue rows are committed: the SMTP server
-answers 250 after that and never before. Recipients carry state, attempts, next attempt and a lease
+`enqueue` returns only when the body and the queue rows are committed (a small body is a row of the same
+transaction, a larger one a file fsynced before it, see blobs.py): the SMTP server answers 250 after that
+and never before. Recipients carry state, attempts, next attempt and a lease
 (owner, expiry) so that several workers, or several nodes, share one queue and a crashed worker's claims
 come back when its lease expires.
 
-A queue entry whose body is missing or no longer matches its content address is quarantined: the file is
-moved aside (`blobs/quarantine/`), its waiting recipients take the state `quarantined` (listed by
+A queue entry whose body is missing or no longer matches its content address is quarantined: the body is
+set aside (`blobs/quarantine/`), its waiting recipients take the state `quarantined` (listed by
 `caducee queue list --all`), the log says which entry and why — never what it held — and the rest of the
 queue flows on.
 """
@@ -82,7 +83,7 @@ def _insert_queued(conn: sa.Connection, items: list[tuple[dict[str, object], lis
     conn.execute(_INSERT_RECIPIENT, [r for _, recipients in items for r in recipients])
 
 
-INLINE_WRITE = 256 * 1024  # bytes up to which the database writer writes a queued blob in the job
+THREAD_WRITE = 256 * 1024  # bytes above which a queued body's file is written by a thread, not the writer
 
 
 def return_path(mail_from: str) -> bytes:
@@ -143,17 +144,17 @@ class Queue:
         """
         trace = return_path(envelope.mail_from)
         stored = trace + data
-        # A large message is written by a thread, not to hold up the writer's batch; a small one by the
-        # writer itself, in the job: no thread hop of its own, and the event loop never waits on the
-        # filesystem (creating a file can wait behind a journal commit). `put` is content-addressed and
-        # idempotent, so a job run twice (db.Writer) writes once.
-        blob = await asyncio.to_thread(self.blobs.put, stored) if len(stored) > INLINE_WRITE else None
+        # A large message's file is written by a thread, not to hold up the writer's batch; a smaller one
+        # by the writer itself, in the job (a row of its transaction, or a file): no thread hop of its
+        # own, and the event loop never waits on the filesystem. Both are content-addressed and
+        # idempotent, so a job run twice (db.Writer) stores once.
+        blob = await asyncio.to_thread(self.blobs.put, stored) if len(stored) > THREAD_WRITE else None
         queue_id = queue_id or new_queue_id()
         now = dt.datetime.now(dt.timezone.utc)
         size, trace_length = len(stored), len(trace)
 
         def job(conn: sa.Connection) -> None:
-            address = blob or self.blobs.put(stored)
+            address = blob or self.blobs.put_in(conn, stored)
             rows = (
                 dict(id=queue_id, blob=address, size=size, mail_from=envelope.mail_from,
                      envid=envelope.envid, ret=envelope.ret, principal=envelope.principal,
@@ -178,10 +179,15 @@ class Queue:
         return queue_id
 
     async def quarantine(self, queue_id: str, blob: str, reason: str) -> int:
-        """Set a corrupt entry aside: its file first (so that no new message of the same bytes can be
+        """Set a corrupt entry aside: its body first (so that no new message of the same bytes can be
         taken for it), then its waiting recipients. Idempotent; returns the recipients set aside."""
         moved = await asyncio.to_thread(self.blobs.quarantine, blob)
-        count = await self.writer.run(lambda conn: quarantine_in(conn, queue_id, reason))
+
+        def job(conn: sa.Connection) -> int:
+            self.blobs.discard_corrupt_in(conn, blob)
+            return quarantine_in(conn, queue_id, reason)
+
+        count = await self.writer.run(job)
         self.quarantined += count
         log.error("event=quarantined queue_id=%s reason=%s recipients=%d file=%s", queue_id, reason, count,
                   f"quarantine/{moved.name}" if moved else "none")

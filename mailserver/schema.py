@@ -31,6 +31,15 @@ queue_messages = sa.Table(
     sa.Column("trace_length", sa.Integer, nullable=True),
 )
 
+# A message body of at most `[storage] inline_max` bytes, by content address (blobs.py): committed with
+# the rows that name it. Larger bodies are files under `[storage] blobs`.
+inline_blobs = sa.Table(
+    "inline_blobs",
+    metadata,
+    sa.Column("address", sa.String(64), primary_key=True),  # SHA-256 of `data`, hex
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
 queue_recipients = sa.Table(
     "queue_recipients",
     metadata,

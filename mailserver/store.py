@@ -232,12 +232,23 @@ class SqlMailStore:
     def read_blob(self, blob: str) -> bytes:
         return self.blobs.get(blob)
 
+    def read_small(self, blobs: Sequence[str]) -> dict[str, bytes]:
+        return self.blobs.get_inline_many(blobs)
+
     def read_header(self, blob: str) -> bytes:
         """Only the header block: read in chunks until the empty line, not the whole message.
 
         Plain os.open/os.read on a checked address: a header listing reads thousands of small files, and
-        pathlib plus a buffered file object cost more than the reads themselves."""
-        fd = os.open(self._blob_file(blob), os.O_RDONLY)  # not inherited (PEP 446)
+        pathlib plus a buffered file object cost more than the reads themselves. A body with no file is
+        a database row (blobs.py), read whole: it is small."""
+        try:
+            fd = os.open(self._blob_file(blob), os.O_RDONLY)  # not inherited (PEP 446)
+        except FileNotFoundError:
+            data = self.blobs.get_inline(blob)
+            if data is None:
+                raise
+            end = header_end(data)
+            return data if end is None else data[:end]
         try:
             data = os.read(fd, HEADER_CHUNK)
             while True:
@@ -290,11 +301,14 @@ class SqlMailStore:
 
     async def append(self, folder_id: int, raw: bytes, flags: Iterable[str],
                      internaldate: dt.datetime | None) -> int:
-        blob = await asyncio.to_thread(self.blobs.put, raw)
+        # A body small enough for the database is a row of the job's transaction; a file is written by
+        # a thread first, not to hold up the writer's batch.
+        written = await asyncio.to_thread(self.blobs.put, raw) if len(raw) > self.blobs.inline_max else None
         flag_text = _flags_text(flags)
         header_id = header_message_id(raw)
 
         def job(conn: sa.Connection) -> int:
+            blob = written or self.blobs.put_in(conn, raw)
             uid = next_uid(conn, folder_id)
             conn.execute(
                 sa.insert(messages).values(

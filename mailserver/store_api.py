@@ -54,6 +54,9 @@ class MailStore(Protocol):
         """How many messages a folder holds (with a UID up to `up_to` when given)."""
     def read_blob(self, blob: str) -> bytes:
         """The exact bytes of a message as delivered or appended."""
+    def read_small(self, blobs: Sequence[str]) -> dict[str, bytes]:
+        """The bytes of those of `blobs` that are small enough to be read together (one query for a
+        whole FETCH batch); the others are left out, for `read_blob` / `read_header`."""
     def read_header(self, blob: str) -> bytes:
         """The header block of a message, its empty line included (RFC 3501 §6.4.5 BODY[HEADER]): the
         prefix of `read_blob` that `mailserver.imap_server.split_message` returns, read without the body."""

@@ -53,3 +53,11 @@ def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
 def test_missing_file_says_to_run_init(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="caducee init"):
         config.load(tmp_path)
+
+
+def test_inline_max_takes_0_to_1_mib(tmp_path: Path) -> None:
+    assert config.parse({}, tmp_path, tmp_path / "c.toml").storage.inline_max == 64 * 1024
+    assert config.parse({"storage": {"inline_max": 0}}, tmp_path, tmp_path / "c.toml").storage.inline_max == 0
+    for bad in (-1, 1024 * 1024 + 1, "64k"):
+        with pytest.raises(config.ConfigError, match="storage.inline_max"):
+            config.parse({"storage": {"inline_max": bad}}, tmp_path, tmp_path / "c.toml")

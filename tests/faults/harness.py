@@ -240,6 +240,21 @@ def queue_blobs(state: Path) -> dict[str, str]:
         engine.dispose()
 
 
+def inline_bodies(state: Path) -> dict[str, bytes]:
+    """Address → bytes of every body held as a database row (mailserver.blobs)."""
+    import sqlalchemy as sa
+
+    from mailserver.db import make_engine
+    from mailserver.schema import inline_blobs
+
+    engine = make_engine(database_url(state))
+    try:
+        with engine.connect() as conn:
+            return {a: bytes(d) for a, d in conn.execute(sa.select(inline_blobs.c.address, inline_blobs.c.data))}
+    finally:
+        engine.dispose()
+
+
 def delivery_counts(state: Path) -> tuple[int, int]:
     """(mailbox entries that came through the queue, recipients marked delivered): equal whenever the
     queue and the mailboxes agree, which is what exactly-once delivery needs after any crash."""
@@ -290,7 +305,8 @@ def enqueue_offline(state: Path, items: list[tuple[str, list[str], bytes]], prin
 
     cfg = config.load(state)
     writer = Writer(make_engine(cfg.database_url, writer=True))
-    queue = Queue(writer, BlobStore(cfg.path(cfg.storage.blobs)))
+    queue = Queue(writer, BlobStore(cfg.path(cfg.storage.blobs), engine=writer.engine,
+                                    inline_max=cfg.storage.inline_max))
 
     async def main() -> list[str]:
         return list(await asyncio.gather(*(

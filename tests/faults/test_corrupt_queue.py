@@ -1,5 +1,6 @@
 """Corrupt queue entries (security.md §6 'corrupt queue entries'): a body truncated, garbled, or gone
-from under its queue row. The entry is quarantined — the file moved to blobs/quarantine/, its recipients
+from under its queue row — a file for a large body, a database row for a small one (mailserver.blobs).
+The entry is quarantined — the body set aside in blobs/quarantine/, its recipients
 in the state `quarantined` (shown by `caducee queue list --all`), one log line with the queue id and the
 reason and nothing of the content — and the rest of the queue is delivered.
 """
@@ -16,6 +17,7 @@ from tests.faults.harness import (
     PEER_DOMAIN,
     FaultServer,
     SmtpPeer,
+    database_url,
     enqueue_offline,
     make_relaying_node,
     message,
@@ -31,21 +33,45 @@ pytestmark = pytest.mark.blackbox
 BACKLOG = 30
 
 
+LARGE = {2, 17}  # entries with a body too large for a database row: a file
+LINES_LARGE = 2000  # ~100 KB, above the default inline_max of 64 KiB
+
+
+def _body(sender: str, rcpt: str, mid: str, n: int) -> bytes:
+    return message(sender, rcpt, mid, lines=LINES_LARGE if n in LARGE else 40)
+
+
 def _corrupt(server: FaultServer, queue_ids: list[str]) -> dict[str, str]:
-    """Truncate, garble and delete the bodies of the 3rd, 13th and 23rd entries: queue id → what."""
+    """Truncate, garble and delete bodies, in files (entries 2 and 17) and in rows (12 and 22): queue id →
+    what was done."""
+    import sqlalchemy as sa
+
+    from mailserver.db import make_engine
+    from mailserver.schema import inline_blobs
+
     blobs = queue_blobs(server.state)
     done = {}
-    for n, how in ((2, "truncated"), (12, "garbled"), (22, "missing")):
-        qid = queue_ids[n]
-        path = server.state / "blobs" / blobs[qid][:2] / blobs[qid]
-        data = path.read_bytes()
-        if how == "truncated":
-            path.write_bytes(data[: len(data) // 2])
-        elif how == "garbled":
-            path.write_bytes(data[:100] + bytes([data[100] ^ 0x20]) + data[101:])
-        else:
-            path.unlink()
-        done[qid] = how
+    engine = make_engine(database_url(server.state))
+    try:
+        for n, how in ((2, "truncated"), (17, "garbled"), (12, "garbled"), (22, "missing")):
+            qid = queue_ids[n]
+            path = server.state / "blobs" / blobs[qid][:2] / blobs[qid]
+            assert path.exists() == (n in LARGE), "a large body is a file, a small one a row"
+            where = inline_blobs.c.address == blobs[qid]
+            with engine.begin() as conn:
+                data = path.read_bytes() if n in LARGE else bytes(
+                    conn.execute(sa.select(inline_blobs.c.data).where(where)).scalar_one())
+                altered = {"truncated": data[: len(data) // 2],
+                           "garbled": data[:100] + bytes([data[100] ^ 0x20]) + data[101:]}.get(how)
+                if n in LARGE:
+                    path.write_bytes(altered) if altered is not None else path.unlink()
+                elif altered is not None:
+                    conn.execute(sa.update(inline_blobs).where(where).values(data=altered))
+                else:
+                    conn.execute(sa.delete(inline_blobs).where(where))
+            done[qid] = how
+    finally:
+        engine.dispose()
     return done
 
 
@@ -74,15 +100,16 @@ def test_corrupt_local_entries_are_quarantined_and_the_rest_is_delivered(tmp_pat
     alice, bob = server.identity("PER", 0), server.identity("PER", 1)
     mids = [f"local-{i}" for i in range(BACKLOG)]
     queue_ids = enqueue_offline(server.state, [(alice["address"], [bob["address"]],
-                                                message(alice["address"], bob["address"], mid)) for mid in mids],
+                                                _body(alice["address"], bob["address"], mid, n))
+                                               for n, mid in enumerate(mids)],
                                 principal=alice["national_id"])
     corrupted = _corrupt(server, queue_ids)
     bad = {mids[queue_ids.index(q)] for q in corrupted}
     server.start()
     try:
         seen = wait_for_ids(server, bob, set(mids) - bad)
-        wait_until(lambda: sum(1 for r in queue_rows(server.state) if r["state"] == "quarantined") == 3, 10,
-                   "three entries quarantined")
+        wait_until(lambda: sum(1 for r in queue_rows(server.state) if r["state"] == "quarantined")
+                   == len(corrupted), 10, "every corrupt entry quarantined")
         print(f"\nbacklog={BACKLOG} delivered={sum(seen.values())} duplicates={sum(v - 1 for v in seen.values())}")
         assert not set(seen) & bad
         assert all(v == 1 for v in seen.values())
@@ -104,8 +131,8 @@ def test_corrupt_entries_for_another_operator_are_quarantined_and_the_rest_is_re
     alice = server.identity("PER", 0)
     rcpt = f"dr.durand@{PEER_DOMAIN}"
     mids = [f"remote-{i}" for i in range(BACKLOG)]
-    queue_ids = enqueue_offline(server.state, [(alice["address"], [rcpt], message(alice["address"], rcpt, mid))
-                                               for mid in mids], principal=alice["national_id"])
+    queue_ids = enqueue_offline(server.state, [(alice["address"], [rcpt], _body(alice["address"], rcpt, mid, n))
+                                               for n, mid in enumerate(mids)], principal=alice["national_id"])
     corrupted = _corrupt(server, queue_ids)
     bad = {mids[queue_ids.index(q)] for q in corrupted}
     with SmtpPeer(chain, key).start(port) as peer:

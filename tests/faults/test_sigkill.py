@@ -43,13 +43,19 @@ SESSIONS = 40
 KILLED = -signal.SIGKILL
 
 
-@pytest.mark.parametrize("where, directive", [
-    ("body fsync", "kill=15:file:/blobs/tmp/"),
-    ("flush before COMMIT", "kill=20:dir:/blobs/"),
-    ("COMMIT fsync", "kill=2:file:/caducee.db-wal"),
+# A body above `[storage] inline_max` (64 KiB) is a file, fsynced, renamed, its directory flushed before
+# COMMIT; a smaller one is a row of the COMMIT itself (mailserver.blobs).
+LINES_FILE, LINES_ROW = 2000, 40  # ~100 KB and ~2 KB messages
+
+
+@pytest.mark.parametrize("where, directive, lines", [
+    ("body fsync", "kill=15:file:/blobs/tmp/", LINES_FILE),
+    ("flush before COMMIT", "kill=20:dir:/blobs/", LINES_FILE),
+    ("COMMIT fsync, bodies in files", "kill=2:file:/caducee.db-wal", LINES_FILE),
+    ("COMMIT fsync, bodies in rows", "kill=2:file:/caducee.db-wal", LINES_ROW),
 ])
 def test_sigkill_while_many_final_dots_are_processed(tmp_path: Path, shim: Path, control: FaultControl,
-                                                     where: str, directive: str) -> None:
+                                                     where: str, directive: str, lines: int) -> None:
     started = time.monotonic()
     server = FaultServer.make(tmp_path / "state")
     server.preload(shim, control)
@@ -71,7 +77,7 @@ def test_sigkill_while_many_final_dots_are_processed(tmp_path: Path, shim: Path,
             assert s.mail(alice["address"])[0] == 250 and s.rcpt(bob["address"])[0] == 250
             s.putcmd("data")
             assert s.getreply()[0] == 354
-            s.send(message(alice["address"], bob["address"], mid))
+            s.send(message(alice["address"], bob["address"], mid, lines))
             ready.release()
             go.wait()
             s.send(b".\r\n")

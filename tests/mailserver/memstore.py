@@ -7,6 +7,7 @@ raise, to check how the server reports internal errors.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,7 @@ class MemoryMailStore:
         self._listeners: dict[int, list[Callable[[int], None]]] = {}
         self._next_folder = 1
         self.faults: dict[str, Exception] = {}
+        self.calls: collections.Counter[str] = collections.Counter()  # calls per method, for batching tests
 
     # -- test helpers --
     def add_mailbox(self, mailbox_id: int) -> FolderInfo:
@@ -44,6 +46,7 @@ class MemoryMailStore:
         return len(self._listeners.get(folder_id, []))
 
     def _fault(self, name: str) -> None:
+        self.calls[name] += 1
         exc = self.faults.pop(name, None)
         if exc is not None:
             raise exc
@@ -115,7 +118,12 @@ class MemoryMailStore:
         self._fault("read_blob")
         return self._blobs[blob]
 
+    def read_small(self, blobs: Sequence[str]) -> dict[str, bytes]:
+        self._fault("read_small")
+        return {b: self._blobs[b] for b in blobs if b in self._blobs and len(self._blobs[b]) <= 64 * 1024}
+
     def read_header(self, blob: str) -> bytes:
+        self._fault("read_header")
         from mailserver.imap_server import split_message
 
         return split_message(self.read_blob(blob))[0]

@@ -1081,11 +1081,16 @@ def test_large_folder_select_and_header_listing_are_exact(server: Harness) -> No
         assert lines[0] == b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Label0 $Label1)"
         assert b"* %d EXISTS" % len(stored) in lines
         assert b"* OK [UNSEEN 1] First unseen" in lines
+        server.store.calls.clear()
         lines = raw.command(b"L2", b"UID FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER])")
         assert b"\r\n".join(lines) == b"\r\n".join(expected) + b"\r\nL2 OK FETCH completed"
+        # The small bodies are read together, one store read per batch, never one per message.
+        batches = -(-len(stored) // FETCH_BATCH)
+        assert server.store.calls["read_small"] == batches and server.store.calls["read_header"] == 0
         lines = raw.command(b"L3", b"FETCH %d:* (FLAGS)" % (len(stored) - 1))
         assert lines == [b"* %d FETCH (FLAGS %s)" % (seq, render_flags(m.flags))
                          for seq, m in enumerate(stored[-2:], len(stored) - 1)] + [b"L3 OK FETCH completed"]
+        assert server.store.calls["read_small"] == batches  # flags only: no body read
 
 
 def test_id_enable_unselect_and_unknown_commands(server: Harness) -> None:

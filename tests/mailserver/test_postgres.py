@@ -23,7 +23,7 @@ from mailserver.blobs import BlobStore
 from mailserver.db import Writer, make_engine
 from mailserver.delivery import deliver_due_in
 from mailserver.queue import Envelope, Queue, Recipient
-from mailserver.schema import messages, queue_recipients
+from mailserver.schema import inline_blobs, messages, queue_recipients
 from mailserver.store import SqlMailStore
 
 ADMIN_URL = os.environ.get("CADUCEE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -53,12 +53,13 @@ def test_two_nodes_deliver_each_message_exactly_once(pg_url: str, tmp_path: Path
     directory = DirectoryStore(node_a.engine)
     person = directory.add_principal(PrincipalKind.PERSON, "810001234565", "Camille Martin")
     directory.add_mailbox(f"camille@{DOMAIN}", MailboxType.PER, person)
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = BlobStore(tmp_path / "blobs", engine=read)  # small bodies are rows of the PostgreSQL database
     queue = Queue(node_a, blobs)
 
     async def main() -> None:
         env = Envelope(f"camille@{DOMAIN}", (Recipient(f"camille@{DOMAIN}"),), principal=person.national_id)
-        await asyncio.gather(*(queue.enqueue(env, b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(200)))
+        # 150 distinct bodies among 200 messages: the same bytes come twice within writer batches.
+        await asyncio.gather(*(queue.enqueue(env, b"Subject: %d\r\n\r\nx\r\n" % (i % 150)) for i in range(200)))
 
         async def drain(writer: Writer) -> int:
             total = 0
@@ -80,6 +81,9 @@ def test_two_nodes_deliver_each_message_exactly_once(pg_url: str, tmp_path: Path
         assert uids == list(range(1, 201))  # one entry per message, UIDs strictly ascending, no gap
         assert states == {"delivered"}
         assert audit.verify(read) == (400, None)  # 200 submissions + 200 deliveries, chain intact
+        with read.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(inline_blobs)).scalar_one() == 150
+        assert not list((tmp_path / "blobs").glob("[0-9a-f][0-9a-f]/*")), "no body went to a file"
 
         store = SqlMailStore(read, node_a, blobs)
         inbox = store.list_folders(1)[0]
@@ -87,6 +91,9 @@ def test_two_nodes_deliver_each_message_exactly_once(pg_url: str, tmp_path: Path
         changed = asyncio.run(store.set_flags(inbox.id, [1, 2], ["\\Seen", "\\Deleted"], "add"))
         assert changed[1] == frozenset({"\\Seen", "\\Deleted"})
         assert asyncio.run(store.expunge(inbox.id)) == [1, 2]
+        third = store.messages(inbox.id, [3])[0]
+        assert store.read_blob(third.blob) == b"Return-Path: <camille@caducee.test>\r\nSubject: 2\r\n\r\nx\r\n"
+        assert store.read_header(third.blob) == b"Return-Path: <camille@caducee.test>\r\nSubject: 2\r\n\r\n"
     finally:
         for w in (node_a, node_b):
             w.stop()

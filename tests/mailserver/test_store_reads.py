@@ -58,7 +58,7 @@ def store(engines: tuple[sa.Engine, Writer], tmp_path: Path) -> SqlMailStore:
     directory = DirectoryStore(writer.engine)
     principal = directory.add_principal(PrincipalKind.PERSON, "810001234565", "Camille Martin")
     directory.add_mailbox("camille@caducee.test", MailboxType.PER, principal)
-    return SqlMailStore(read, writer, BlobStore(tmp_path / "blobs"))
+    return SqlMailStore(read, writer, BlobStore(tmp_path / "blobs", engine=read))
 
 
 def _append(store: SqlMailStore, folder_id: int, raws: list[bytes], flags: list[tuple[str, ...]]) -> list[int]:
@@ -124,9 +124,25 @@ def test_flags_listing_and_counts(store: SqlMailStore) -> None:
     b"Subject: header only, longer than a chunk " + b"e" * (2 * HEADER_CHUNK),
 ])
 def test_read_header_is_the_prefix_split_message_gives(store: SqlMailStore, raw: bytes) -> None:
-    blob = store.blobs.put_durable(raw)
-    assert store.read_header(blob) == split_message(raw)[0]
-    assert store.read_blob(blob) == raw
+    in_file = store.blobs.put_durable(raw)
+    store.blobs.path(in_file).rename(store.blobs.root / "moved")  # so that the row is read, not the file
+    in_row = store.writer.run_sync(lambda conn: store.blobs.put_in(conn, raw))
+    assert in_row == in_file
+    assert store.read_header(in_row) == split_message(raw)[0]
+    assert store.read_blob(in_row) == raw
+    (store.blobs.root / "moved").rename(store.blobs.path(in_file))  # file and row: the file is read
+    assert store.read_header(in_file) == split_message(raw)[0]
+    assert store.read_blob(in_file) == raw
+
+
+def test_read_small_reads_rows_together_and_leaves_files_out(store: SqlMailStore) -> None:
+    rows = [b"Subject: %d\r\n\r\nsmall\r\n" % i for i in range(1200)]  # three queries of 500
+    addresses = store.writer.run_sync(lambda conn: [store.blobs.put_in(conn, raw) for raw in rows])
+    large = b"Subject: large\r\n\r\n" + b"x" * store.blobs.inline_max
+    in_file = store.writer.run_sync(lambda conn: store.blobs.put_in(conn, large), before_commit=store.blobs.flush)
+    got = store.read_small([*addresses, in_file, addresses[0]])
+    assert got == dict(zip(addresses, rows, strict=True))
+    assert store.read_small([]) == {}
 
 
 def test_header_end_agrees_with_split_message_on_every_prefix() -> None:
