@@ -80,15 +80,15 @@ def prepare_final_blobs(engine: sa.Engine, blobs: BlobStore, local_domains: froz
     with engine.connect() as conn:
         rows = conn.execute(_due_query(local_domains, limit), {"now": now}).all()
     out: dict[str, tuple[str, int]] = {}
+    bodies = blobs.get_verified_many(row.blob for row in rows)
     for row in rows:
         if row.message_id in out or (corrupt is not None and row.message_id in corrupt):
             continue
-        try:
-            body = blobs.get_verified(row.blob)
-        except CorruptBlob as exc:
+        body = bodies[row.blob]
+        if isinstance(body, CorruptBlob):
             if corrupt is None:
-                raise
-            corrupt[row.message_id] = (row.blob, exc.reason)
+                raise body
+            corrupt[row.message_id] = (row.blob, body.reason)
             continue
         if row.trace_length is not None:
             out[row.message_id] = (row.blob, len(body))

@@ -182,3 +182,19 @@ def test_without_an_engine_or_with_inline_max_0_every_body_is_a_file(
         address = writer.run_sync(lambda conn, b=blobs: b.put_in(conn, b"tiny"), before_commit=blobs.flush)
         assert blobs.path(address).read_bytes() == b"tiny"
     assert _rows(read) == {}
+
+
+def test_get_verified_many_reads_rows_together_and_checks_each(
+        tmp_path: Path, engines: tuple[sa.Engine, Writer]) -> None:
+    read, writer = engines
+    blobs = BlobStore(tmp_path / "blobs", engine=read, inline_max=100)
+    good, bad, gone = (writer.run_sync(lambda conn, d=d: blobs.put_in(conn, d)) for d in (b"good", b"bad", b"gone"))
+    large = blobs.put_durable(b"L" * 101)
+    writer.run_sync(lambda conn: conn.execute(sa.update(inline_blobs).where(inline_blobs.c.address == bad)
+                                              .values(data=b"b4d")))
+    writer.run_sync(lambda conn: conn.execute(sa.delete(inline_blobs).where(inline_blobs.c.address == gone)))
+    got = blobs.get_verified_many([good, bad, gone, large, good])
+    assert got[good] == b"good" and got[large] == b"L" * 101
+    assert isinstance(got[bad], CorruptBlob) and got[bad].reason == "digest_mismatch"
+    assert isinstance(got[gone], CorruptBlob) and got[gone].reason == "missing"
+    assert len(got) == 4
