@@ -10,7 +10,7 @@ the measurement of REFERENCE.md §7). One session is:
 
 Recorded per session: the time of each step and of the whole session (from connect to the end of LOGOUT),
 the client's CPU time and the server's (Caducée's process; Dovecot's master and every child). Both
-targets are filled in a setup step that is not measured: Caducée through its store API (blobs + rows, as
+targets are filled in a setup step that is not measured: Caducée through its store API (bodies + rows, as
 local delivery writes them), Dovecot as Maildir files in cur/ that it indexes on first access; one
 unrecorded warm-up session per target and TLS mode then builds Dovecot's index and checks that both
 servers return the same headers and sizes.
