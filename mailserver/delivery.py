@@ -187,9 +187,11 @@ class LocalDelivery(QueueWorker):
 
     name = "local-delivery"
     batch = BATCH
-    # A round costs a fixed number of statements whatever it delivers: the wake-ups of the messages
-    # accepted within 20 ms share one (a message reaches its mailbox at most that much later).
-    min_interval = 0.02
+    # A round costs a fixed number of statements and a commit whatever it delivers, on the writer every
+    # acceptance waits for: the wake-ups of the messages accepted within 100 ms share one (a message
+    # reaches its mailbox at most that much later; the first after a quiet spell at once). Measured with
+    # `caducee bench smtp` at 10 sessions: 20 ms → 100 ms took 0.2 ms of CPU off each message.
+    min_interval = 0.1
 
     def __init__(self, queue: Queue, store: SqlMailStore, local_domains: frozenset[str], *, poll: float = 1.0) -> None:
         super().__init__(queue, poll=poll)

@@ -50,19 +50,26 @@ def _canonical_name(name: str) -> str:
     return INBOX if name.upper() == INBOX else name
 
 
+# Constant statements of the delivery path (built once: constructing one costs more than running it).
+_FOLDER_ID = sa.select(folders.c.id).where(folders.c.mailbox_id == sa.bindparam("b_mailbox"),
+                                           folders.c.name == sa.bindparam("b_name"))
+_NEXT_UID = (sa.update(folders).where(folders.c.id == sa.bindparam("b_folder"))
+             .values(uidnext=folders.c.uidnext + sa.bindparam("b_count")).returning(folders.c.uidnext))
+
+
 def folder_id_in(conn: sa.Connection, mailbox_id: int, name: str, *, create: bool = True) -> int | None:
     """The id of a folder, created on demand (INBOX always exists for a delivered message).
 
     Creation is race-free across nodes: INSERT … ON CONFLICT DO NOTHING, then read back.
     """
     name = _canonical_name(name)
-    query = sa.select(folders.c.id).where(folders.c.mailbox_id == mailbox_id, folders.c.name == name)
-    fid = conn.execute(query).scalar()
+    params = {"b_mailbox": mailbox_id, "b_name": name}
+    fid = conn.execute(_FOLDER_ID, params).scalar()
     if fid is None and create:
         insert = _dialect_insert(conn)(folders).values(
             mailbox_id=mailbox_id, name=name, uidvalidity=_new_uidvalidity(), uidnext=1)
         conn.execute(insert.on_conflict_do_nothing(index_elements=["mailbox_id", "name"]))
-        fid = conn.execute(query).scalar()
+        fid = conn.execute(_FOLDER_ID, params).scalar()
     return fid
 
 
@@ -113,12 +120,7 @@ INSERT_MESSAGE = sa.insert(messages)  # constant: compiled once, executed with m
 
 def next_uid(conn: sa.Connection, folder_id: int, count: int = 1) -> int:
     """Allocate `count` consecutive UIDs in a folder; returns the first."""
-    first = conn.execute(
-        sa.update(folders)
-        .where(folders.c.id == folder_id)
-        .values(uidnext=folders.c.uidnext + count)
-        .returning(folders.c.uidnext)
-    ).scalar_one()
+    first = conn.execute(_NEXT_UID, {"b_folder": folder_id, "b_count": count}).scalar_one()
     return int(first) - count
 
 

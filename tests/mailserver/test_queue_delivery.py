@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from directory.identifiers import PrincipalKind
 from directory.model import MailboxType
 from directory.store import DirectoryStore
-from mailserver import audit
+from mailserver import audit, db
 from mailserver.audit_api import AuditEvent
 from mailserver.blobs import BlobStore
 from mailserver.db import Writer
@@ -70,6 +70,76 @@ def test_failed_job_does_not_sink_its_batch(engines: tuple[sa.Engine, Writer]) -
         actors = conn.execute(sa.select(audit_log.c.actor).order_by(audit_log.c.seq)).scalars().all()
     assert actors == ["good1", "good2"]
     assert audit.verify(read) == (2, None)
+
+
+def _checkouts(writer: Writer) -> list[int]:
+    """Counts the writer engine's pool checkouts (a new connection for a batch)."""
+    seen: list[int] = []
+    sa.event.listen(writer.engine, "checkout", lambda *_: seen.append(1))
+    return seen
+
+
+def test_writer_keeps_its_connection_between_batches(engines: tuple[sa.Engine, Writer]) -> None:
+    read, writer = engines
+    checkouts = _checkouts(writer)
+
+    async def main() -> None:
+        for i in range(20):  # one after the other: 20 batches
+            await writer.run(lambda c, i=i: audit.append_in(c, AuditEvent.ADMIN, actor=f"a{i}"))
+
+    asyncio.run(main())
+    assert writer.batches == 20
+    assert len(checkouts) == 1
+    assert audit.verify(read) == (20, None)
+
+
+def test_writer_takes_a_new_connection_after_a_failed_commit(engines: tuple[sa.Engine, Writer]) -> None:
+    read, writer = engines
+    checkouts = _checkouts(writer)
+
+    def failing_flush() -> None:
+        raise OSError("fsync failed")
+
+    async def main() -> None:
+        await writer.run(lambda c: audit.append_in(c, AuditEvent.ADMIN, actor="first"))
+        with pytest.raises(OSError):
+            await writer.run(lambda c: audit.append_in(c, AuditEvent.ADMIN, actor="lost"), before_commit=failing_flush)
+        await writer.run(lambda c: audit.append_in(c, AuditEvent.ADMIN, actor="after"))
+
+    asyncio.run(main())
+    assert len(checkouts) == 2
+    with read.connect() as conn:
+        assert conn.execute(sa.select(audit_log.c.actor).order_by(audit_log.c.seq)).scalars().all() == ["first", "after"]
+
+
+def test_writer_gives_back_an_idle_connection(engines: tuple[sa.Engine, Writer], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, writer = engines
+    monkeypatch.setattr(db, "IDLE_RECHECK", 0.0)
+    checkouts = _checkouts(writer)
+
+    async def main() -> None:
+        for i in range(3):
+            await writer.run(lambda c, i=i: audit.append_in(c, AuditEvent.ADMIN, actor=f"a{i}"))
+
+    asyncio.run(main())
+    assert len(checkouts) == 3
+
+
+def test_writer_runs_a_job_again_when_its_kept_connection_died(engines: tuple[sa.Engine, Writer]) -> None:
+    read, writer = engines
+    assert writer.engine.dialect.name == "sqlite"  # PostgreSQL's restart: tests/faults/test_database_restart
+    checkouts = _checkouts(writer)
+
+    async def main() -> None:
+        await writer.run(lambda c: audit.append_in(c, AuditEvent.ADMIN, actor="before"))
+        assert writer._conn is not None
+        writer._conn.connection.dbapi_connection.close()  # type: ignore[union-attr]  # as a restarted server would
+        await writer.run(lambda c: audit.append_in(c, AuditEvent.ADMIN, actor="after"))
+
+    asyncio.run(main())
+    assert len(checkouts) == 2
+    with read.connect() as conn:
+        assert conn.execute(sa.select(audit_log.c.actor).order_by(audit_log.c.seq)).scalars().all() == ["before", "after"]
 
 
 def test_enqueue_then_deliver_exactly_once(engines: tuple[sa.Engine, Writer], tmp_path: Path) -> None:
