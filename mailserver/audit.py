@@ -24,13 +24,16 @@ _LAST_HASH = sa.select(audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(
 _INSERT_ENTRY = sa.insert(audit_log)
 
 
+# Built once: json.dumps with options builds a new encoder per call, twice per audit entry.
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_DETAIL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _canonical(at: dt.datetime, event: str, actor: str, protocol: str | None, mailbox: str | None,
                message_id: str | None, detail: str | None) -> bytes:
-    return json.dumps(
+    return _CANONICAL.encode(
         [at.astimezone(dt.timezone.utc).isoformat(timespec="microseconds"), event, actor, protocol,
          mailbox, message_id, detail],
-        separators=(",", ":"),
-        ensure_ascii=False,
     ).encode()
 
 
@@ -83,8 +86,7 @@ def append_many_in(conn: sa.Connection, new: list[NewEntry]) -> None:
     now = dt.datetime.now(dt.timezone.utc)
     for e in new:
         at = e.at or now
-        detail_json = (json.dumps(e.detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-                       if e.detail else None)
+        detail_json = _DETAIL.encode(e.detail) if e.detail else None
         digest = chain_hash(prev_hash, _canonical(at, e.event.value, e.actor, e.protocol, e.mailbox, e.message_id,
                                                   detail_json))
         rows.append(dict(at=at, event=e.event.value, actor=e.actor, protocol=e.protocol, mailbox=e.mailbox,

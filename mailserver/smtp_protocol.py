@@ -19,6 +19,7 @@ import errno
 import logging
 import re
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -90,6 +91,20 @@ def split_path(arg: str | None, keyword: str) -> tuple[str, str] | None:
     return path, rest[end + 1:]
 
 
+_DATE: list[Any] = [-1, ""]  # the second, and its RFC 5322 date-time
+
+
+def _received_date() -> str:
+    """The date-time of a Received field, formatted once per second (email.utils.format_datetime costs more
+    than the rest of the field)."""
+    now = time.time()
+    second = int(now)
+    if second != _DATE[0]:
+        _DATE[1] = email.utils.format_datetime(dt.datetime.fromtimestamp(second, dt.timezone.utc))
+        _DATE[0] = second
+    return str(_DATE[1])
+
+
 IDENT = "Caducee ESMTP"  # ASCII: it appears in the greeting and in Received fields
 
 
@@ -129,6 +144,7 @@ class CaduceeSMTP(HookNames, SMTP):
         self.dsn = dsn
         self._in_ehlo = False
         self.in_data = False
+        self._deadline = 0.0
         handler.connections.add(self)
 
     async def push(self, status: Any) -> None:
@@ -233,6 +249,23 @@ class CaduceeSMTP(HookNames, SMTP):
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd cancels its idle timer and schedules a new one at every command: a heap entry per
+        command, the cancelled ones kept until their time comes. Here a command moves the deadline, and the
+        one timer, when it fires before it, sets itself again for the rest (same timeout, same close)."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._idle_check)
+            return
+        self._timeout_cb()
+
     def connection_lost(self, error: Exception | None) -> None:
         self.event_handler.connections.discard(self)
         super().connection_lost(error)
@@ -288,7 +321,7 @@ class CaduceeSMTP(HookNames, SMTP):
         assert self.session is not None
         helo = sanitise_helo(self.session.host_name or "unknown")
         peer_ip = self.session.peer[0] if isinstance(self.session.peer, tuple) else "unknown"
-        date = email.utils.format_datetime(dt.datetime.now(dt.timezone.utc))
+        date = _received_date()
         return (
             f"Received: from {helo} ([{peer_ip}])\r\n\tby {hostname} ({IDENT}) with {protocol}"
             f" id {queue_id}{tls_info};\r\n\t{date}\r\n"
@@ -413,8 +446,11 @@ class CaduceeSMTP(HookNames, SMTP):
         await self.push(status)
 
 
+_NO_DSN = RecipientParams()
+
+
 def envelope_dsn(envelope: SmtpEnvelope, address: str) -> RecipientParams:
-    return getattr(envelope, "rcpt_dsn", {}).get(address, RecipientParams())  # type: ignore[no-any-return]
+    return getattr(envelope, "rcpt_dsn", {}).get(address, _NO_DSN)  # type: ignore[no-any-return]
 
 
 async def shutdown(registry: ConnectionRegistry, servers: list[asyncio.base_events.Server], grace: float = 30.0) -> None:

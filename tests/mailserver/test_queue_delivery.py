@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -261,3 +263,13 @@ def test_an_entry_queued_before_its_return_path_was_kept_still_gets_one(engines:
         (row,) = conn.execute(sa.select(messages)).all()
     assert blobs.get(row.blob) == b"Return-Path: <camille@caducee.test>\r\n" + body
     assert row.size == len(blobs.get(row.blob))
+
+
+def test_audit_canonical_form_is_stable() -> None:
+    # Chains written by earlier versions must still verify: the canonical bytes may never change.
+    at = dt.datetime(2026, 1, 2, 3, 4, 5, 6789, tzinfo=dt.timezone.utc)
+    canonical = audit._canonical(at, "submit", "810001234565", "smtp", "é@caducee.test", "<m@x>",
+                                 audit._DETAIL.encode({"z": "1", "a": "é"}))
+    assert canonical == ('["2026-01-02T03:04:05.006789+00:00","submit","810001234565","smtp","é@caducee.test",'
+                         '"<m@x>","{\\"a\\":\\"é\\",\\"z\\":\\"1\\"}"]').encode()
+    assert audit.chain_hash(audit.GENESIS, canonical) == hashlib.sha256(audit.GENESIS.encode() + canonical).hexdigest()

@@ -102,3 +102,17 @@ def test_per_connection_tables_are_those_of_the_full_attribute_lists(kind: str) 
         assert "tls_ssl_object" not in dir(session) and len(dir(session)) == len(set(dir(session)))
     finally:
         loop.close()
+
+
+def test_received_date_is_the_current_second_in_rfc5322_form() -> None:
+    import email.utils
+    import time
+
+    from mailserver.smtp_protocol import _received_date
+
+    before = int(time.time())
+    text = _received_date()
+    after = int(time.time())
+    parsed = email.utils.parsedate_to_datetime(text)
+    assert before <= parsed.timestamp() <= after
+    assert text.endswith(" +0000")  # UTC, as email.utils.format_datetime writes it

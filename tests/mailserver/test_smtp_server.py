@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import smtplib
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,3 +193,31 @@ def test_recipient_checks_are_answered_from_memory_for_a_few_seconds() -> None:
     directory.open.clear()
     cache.ttl = 0  # expired answers are read again: the closed mailbox is refused
     assert asyncio.run(check("louis@caducee.test")) == policy.replies.UNKNOWN_RECIPIENT
+
+
+def test_idle_sessions_are_closed_and_commands_move_the_deadline(running: Running) -> None:
+    h = running.handler
+    short = SubmissionHandler(dataclasses.replace(h.settings, timeout=0.6), h.authenticator, h.directory, h.queue,
+                              h.audit)
+    tls = server_context(running.state / "pki" / "server" / "server.pem", running.state / "pki" / "server" / "server.key")
+    server = asyncio.run_coroutine_threadsafe(running.loop.create_server(
+        make_protocol_factory(short, tls, implicit_tls=True), "127.0.0.1", 0, ssl=tls), running.loop).result(10)
+    try:
+        other = Running(running.loop, short, server, server.sockets[0].getsockname()[1], running.state, running.demo)
+        busy, idle = other.client(), other.client()
+        port = busy.sock.getsockname()[1]
+        session = next(c for c in short.connections if c.session is not None and c.session.peer[1] == port)
+        timer = session._timeout_handle
+        assert busy.noop()[0] == 250
+        # A command moves the deadline of the session's one timer; aiosmtpd scheduled a new timer each time.
+        assert session._timeout_handle is timer
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:  # 2.5 timeouts long, a command every 0.1 s
+            assert busy.noop()[0] == 250
+            time.sleep(0.1)
+        assert busy.noop()[0] == 250
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            idle.noop()
+        busy.quit()
+    finally:
+        asyncio.run_coroutine_threadsafe(shutdown(short, [server], grace=1), running.loop).result(10)
