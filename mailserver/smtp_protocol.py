@@ -7,6 +7,8 @@ aiosmtpd behaviour replaced in this one place (REFERENCE.md §6), each with a te
   parameters (RFC 3461: RET, ENVID on MAIL; NOTIFY, ORCPT on RCPT);
 - its default exception handler echoes exception text: handlers answer `451 4.3.0` with a reference;
 - a session inside DATA is tracked so that shutdown lets it finish (`shutdown`);
+- the idle timeout is one timer per session whose deadline each command moves, not a new timer per
+  command (`_reset_timeout`);
 - its per-connection method tables are built from short name lists (`HookNames`).
 """
 
