@@ -93,18 +93,17 @@ def split_path(arg: str | None, keyword: str) -> tuple[str, str] | None:
     return path, rest[end + 1:]
 
 
-_DATE: list[Any] = [-1, ""]  # the second, and its RFC 5322 date-time
+_received_second: tuple[int, str] = (-1, "")  # a second, and its RFC 5322 date-time
 
 
 def _received_date() -> str:
     """The date-time of a Received field, formatted once per second (email.utils.format_datetime costs more
     than the rest of the field)."""
-    now = time.time()
-    second = int(now)
-    if second != _DATE[0]:
-        _DATE[1] = email.utils.format_datetime(dt.datetime.fromtimestamp(second, dt.timezone.utc))
-        _DATE[0] = second
-    return str(_DATE[1])
+    global _received_second
+    second = int(time.time())
+    if second != _received_second[0]:
+        _received_second = (second, email.utils.format_datetime(dt.datetime.fromtimestamp(second, dt.timezone.utc)))
+    return _received_second[1]
 
 
 IDENT = "Caducee ESMTP"  # ASCII: it appears in the greeting and in Received fields
