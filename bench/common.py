@@ -44,6 +44,29 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of a process and all its descendants (live ones, plus what each has reaped)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat[1])
+    total = 0.0
+    for pid in parents:
+        p = pid
+        while p not in (0, 1, root) and p in parents:
+            p = parents[p]
+        if p == root:
+            try:
+                total += cpu_seconds(pid)
+            except OSError:
+                pass
+    return total
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     model = None

@@ -59,6 +59,7 @@ from bench.common import (
     publish,
     ratio_median,
     rotated,
+    tree_cpu_seconds,
 )
 
 SIZE = 5120
@@ -225,29 +226,6 @@ def fill_maildir(maildir: Path, raws: list[bytes], owner: tuple[int, int] | None
             os.chown(dirpath, *owner)
             for f in files:
                 os.chown(os.path.join(dirpath, f), *owner)
-
-
-def _tree_cpu(root: int) -> float:
-    """CPU seconds of a process and all its descendants (live ones, plus what each has reaped)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat[1])
-    total = 0.0
-    for pid in parents:
-        p = pid
-        while p not in (0, 1, root) and p in parents:
-            p = parents[p]
-        if p == root:
-            try:
-                total += cpu_seconds(pid)
-            except OSError:
-                pass
-    return total
 
 
 @dataclass
@@ -523,7 +501,7 @@ def _targets(tmp: Path, count: int, size: int, only: str | None) -> Iterator[dic
         with dovecot:
             master = dovecot.proc.pid if dovecot.proc else 0
             targets["dovecot"] = Target("dovecot", {"implicit": dovecot.imaps_port, "starttls": dovecot.imap_port},
-                                        context, lambda: _tree_cpu(master))
+                                        context, lambda: tree_cpu_seconds(master))
             yield targets
 
 

@@ -6,7 +6,9 @@ a client certificate, EHLO, then sending its share of the messages; Caducée als
 (its senders are identified by their certificate and must name the mailbox they send as). Postfix is
 configured as the reference of REFERENCE.md §7: mandatory STARTTLS, a required client certificate
 (`smtpd_tls_req_ccert`), delivery to Maildir by `virtual`. Caducée runs with full durability (each 250
-after the body and its queue rows are on disk) and delivers to its mailboxes.
+after the body and its queue rows are on disk) and delivers to its mailboxes. Caducée runs with
+`[server] smtp_processes = 0` (one SMTP process per CPU, as Postfix runs as many `smtpd` as it has
+sessions) unless `--smtp-processes` says otherwise; the table says which.
 
 Postfix's `smtp-source` cannot be used against Caducée: it does not speak TLS, and Caducée never accepts
 mail in clear. The load generator is therefore ours, for both.
@@ -16,12 +18,14 @@ message on a new connection (TCP, TLS handshake, EHLO, STARTTLS, EHLO, [AUTH], M
 
 For each round, each session count and each mode, both targets run one after the other (the first
 rotating); recorded per run: accepted messages/s (from the first connect to the last 250), the time
-until every message is in a mailbox, and for Caducée its CPU time per message.
+until every message is in a mailbox, and the CPU time per message of each server (its processes and
+their children: Caducée's acceptors, Postfix's master and every daemon it starts).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import smtplib
 import sqlite3
 import ssl
@@ -36,13 +40,13 @@ from typing import Any
 
 from bench.common import (
     Cell,
-    cpu_seconds,
     fmt,
     machine,
     publish,
     ratio_median,
     reference_postfix,
     rotated,
+    tree_cpu_seconds,
 )
 
 SIZE = 5120
@@ -97,10 +101,10 @@ def _session(target: Target, count: int, size: int, per_message: bool, errors: l
 
 def run_once(target: Target, messages: int, sessions: int, size: int, per_message: bool,
              timeout: float = 600) -> dict[str, float]:
-    """One run: returns accepted/s, seconds until all delivered, and CPU ms per message (Caducée)."""
+    """One run: returns accepted/s, seconds until all delivered, and the server's CPU ms per message."""
     before = target.delivered()
     pid = target.pid()
-    cpu0 = cpu_seconds(pid) if pid else None
+    cpu0 = tree_cpu_seconds(pid) if pid else None
     per, errors = messages // sessions, []
     threads = [threading.Thread(target=_session, args=(target, per, size, per_message, errors, k * per))
                for k in range(sessions)]
@@ -121,7 +125,7 @@ def run_once(target: Target, messages: int, sessions: int, size: int, per_messag
     all_s = time.perf_counter() - t0
     out = {"accepted_per_s": sent / accepted_s, "all_delivered_s": all_s}
     if cpu0 is not None and pid:
-        out["cpu_ms_per_message"] = (cpu_seconds(pid) - cpu0) / sent * 1000
+        out["cpu_ms_per_message"] = (tree_cpu_seconds(pid) - cpu0) / sent * 1000
     return out
 
 
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--warmup", type=int, default=200, help="unrecorded messages per target first (default 200)")
     p.add_argument("--only", choices=("caducee", "postfix"), help="run one target alone (no ratio)")
+    p.add_argument("--smtp-processes", type=int, default=0, metavar="N",
+                   help="Caducée's [server] smtp_processes (default 0: one per CPU)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
     session_counts = [int(x) for x in args.sessions.split(",") if x]
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     desc = machine()
     with tempfile.TemporaryDirectory(prefix="caducee-bench-") as tmp, postfix_workdir() as pf_dir:
-        server = ServerProcess.create(Path(tmp) / "state")
+        server = ServerProcess.create(Path(tmp) / "state", relay={"smtp_processes": str(args.smtp_processes)})
         ident, rcpt = server.identity("PER", 0), server.identity("PER", 1)["address"]
         client = ssl.create_default_context(cafile=server.ca_bundle)
         client.load_cert_chain(ident["cert"], ident["key"])
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.only != "caducee":
                 targets["postfix"] = Target(
                     "postfix", "127.0.0.1", postfix.listen_port, ident["address"], "bench@postfix.bench", client,
-                    False, _maildir_count(postfix.maildir_base / "postfix.bench" / "bench"), lambda: None)
+                    False, _maildir_count(postfix.maildir_base / "postfix.bench" / "bench"), postfix.master_pid)
             names = list(targets)
             for t in targets.values():
                 run_once(t, args.warmup, min(10, args.warmup), args.size, False)
@@ -199,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     table = [("| mode | sessions | Caducée msg/s | Postfix msg/s | ratio | Caducée all delivered | "
-              "Postfix all delivered | ratio | Caducée CPU ms/msg |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "Postfix all delivered | ratio | Caducée CPU ms/msg | Postfix CPU ms/msg |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode in modes:
         for n in session_counts:
             ours, ref = cells.get(("caducee", n, mode)), cells.get(("postfix", n, mode))
@@ -214,12 +221,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fmt(ref.median('accepted_per_s') if ref else None)} | {fmt(rate, 2, '×')} | "
                 f"{fmt(ours.median('all_delivered_s') if ours else None, 2, ' s')} | "
                 f"{fmt(ref.median('all_delivered_s') if ref else None, 2, ' s')} | {fmt(delivered, 2, '×')} | "
-                f"{fmt(ours.median('cpu_ms_per_message') if ours else None, 2)} |")
+                f"{fmt(ours.median('cpu_ms_per_message') if ours else None, 2)} | "
+                f"{fmt(ref.median('cpu_ms_per_message') if ref else None, 2)} |")
     table.append("")
+    processes = args.smtp_processes or f"0 (one per CPU: {len(os.sched_getaffinity(0))})"
     table.append(f"{args.messages} messages of {args.size} bytes per run, medians of {args.rounds} interleaved rounds; "
-                 "ratios are Caducée/Postfix per round (above 1: Caducée faster), then their median.")
+                 "ratios are Caducée/Postfix per round (above 1: Caducée faster), then their median. "
+                 f"Caducée with `smtp_processes = {processes}`; CPU is each server's processes and their "
+                 "children.")
     result = {"title": "SMTP with STARTTLS and client certificates: Caducée and Postfix", "started": started,
-              "machine": desc, "load_average_at_end": __import__("os").getloadavg(),
+              "machine": desc, "load_average_at_end": os.getloadavg(),
               "parameters": vars(args) | {"out": str(args.out) if args.out else None}, "rows": rows}
     return publish("smtp", result, table, args.out)
 

@@ -45,13 +45,15 @@ class SafeFormatter(logging.Formatter):
         return f"  exception={getattr(exc_type, '__name__', 'unknown')} where={frames}"
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, *, process: str | None = None) -> None:
+    """Log lines on stderr; `process` names an acceptor process in each of its lines."""
     # No line names its thread or process: skip looking them up for every record (logging's "Optimization").
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    where = f"[{process}] " if process else ""
+    handler.setFormatter(SafeFormatter(f"%(asctime)s %(levelname)s {where}%(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -82,29 +84,37 @@ class Node:
     addresses: dict[str, str] = field(default_factory=dict)
 
 
-async def start(cfg: Config) -> Node:
-    from twisted.internet import reactor
+@dataclass
+class SmtpSide:
+    """What accepting SMTP needs, built alike by the node and by its acceptor processes."""
 
-    from crypto.tls import server_context, twisted_server_context_factory
+    read_engine: Any
+    writer: Any
+    blobs: Any
+    directory: Any
+    validator: Any
+    authenticator: Any
+    audit: Any
+    queue: Any
+    trust: Any
+    tls: Any
+    handler: Any
+    relay_handler: Any
+
+
+def build_smtp_side(cfg: Config) -> SmtpSide:
+    from crypto.tls import server_context
     from crypto.validation import CertificateValidator
     from directory.store import DirectoryStore
     from mailserver.audit import AuditTrail
     from mailserver.auth import CertificateAuthenticator
     from mailserver.blobs import BlobStore
     from mailserver.db import Writer, make_engine
-    from mailserver.delivery import LocalDelivery
-    from mailserver.imap_server import build_imap_factory
     from mailserver.queue import Queue
-    from mailserver.smtp_server import SubmissionHandler, SubmissionSettings, make_protocol_factory
-    from mailserver.receipts import ReadReceipts
-    from mailserver.relay_server import RelayHandler, RelaySettings, make_relay_factory
-    from mailserver.reports import ReportSettings, ReportWorker
-    from mailserver.smtp_client import NextHop, RemoteDelivery, RemoteSettings
-    from mailserver.store import SqlMailStore
-    from mailserver.trust import TrustRefresher, TrustStore
+    from mailserver.relay_server import RelayHandler, RelaySettings
+    from mailserver.smtp_server import SubmissionHandler, SubmissionSettings
+    from mailserver.trust import TrustStore
 
-    node = Node(cfg)
-    await asyncio.to_thread(database.upgrade, cfg.database_url)
     read_engine = make_engine(cfg.database_url)
     writer = Writer(make_engine(cfg.database_url, writer=True))
     writer.start()
@@ -115,12 +125,60 @@ async def start(cfg: Config) -> Node:
     authenticator = CertificateAuthenticator(validator, directory)
     audit = AuditTrail(writer)
     queue = Queue(writer, blobs)
+    trust = TrustStore(read_engine, writer, archive_dir=cfg.state_dir / "trust")
+    local_domains = frozenset(cfg.server.domains)
+    tls = server_context(cfg.path(cfg.tls.certificate), cfg.path(cfg.tls.key))
+    handler = SubmissionHandler(SubmissionSettings(
+        hostname=cfg.server.hostname, local_domains=local_domains, max_message_size=cfg.limits.max_message_size,
+        max_recipients=cfg.limits.max_recipients, timeout=cfg.limits.smtp_timeout,
+    ), authenticator, directory, queue, audit, trust)
+    relay_handler = RelayHandler(
+        RelaySettings(hostname=cfg.server.hostname, local_domains=local_domains,
+                      max_message_size=cfg.limits.max_message_size, max_recipients=cfg.limits.max_recipients,
+                      max_hops=cfg.relay.max_hops, timeout=cfg.limits.smtp_timeout),
+        validator, trust, directory, queue, audit)
+    return SmtpSide(read_engine, writer, blobs, directory, validator, authenticator, audit, queue, trust, tls,
+                    handler, relay_handler)
+
+
+async def listen_smtp(side: SmtpSide, kind: str, *, host: str = "", port: int = 0,
+                      sock: Any = None) -> asyncio.base_events.Server:
+    """One SMTP listener: `kind` is relay, submission or submissions (implicit TLS); on host:port, or on
+    a socket already listening (an acceptor process's, inherited from the node)."""
+    from mailserver.relay_server import make_relay_factory
+    from mailserver.smtp_server import make_protocol_factory
+
+    loop = asyncio.get_running_loop()
+    implicit = kind == "submissions"
+    factory = (make_relay_factory(side.relay_handler, side.tls) if kind == "relay"
+               else make_protocol_factory(side.handler, side.tls, implicit_tls=implicit))
+    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port,
+                                                                      "reuse_address": True}
+    return await loop.create_server(factory, ssl=side.tls if implicit else None, **where)
+
+
+async def start(cfg: Config) -> Node:
+    from twisted.internet import reactor
+
+    from caducee.acceptors import AcceptorPool
+    from crypto.tls import twisted_server_context_factory
+    from mailserver.delivery import LocalDelivery
+    from mailserver.imap_server import build_imap_factory
+    from mailserver.receipts import ReadReceipts
+    from mailserver.reports import ReportSettings, ReportWorker
+    from mailserver.smtp_client import NextHop, RemoteDelivery, RemoteSettings
+    from mailserver.store import SqlMailStore
+    from mailserver.trust import TrustRefresher
+
+    node = Node(cfg)
+    await asyncio.to_thread(database.upgrade, cfg.database_url)
+    side = build_smtp_side(cfg)
+    read_engine, writer, blobs, queue, trust = side.read_engine, side.writer, side.blobs, side.queue, side.trust
     store = SqlMailStore(read_engine, writer, blobs)
     local_domains = frozenset(cfg.server.domains)
     delivery = LocalDelivery(queue, store, local_domains)
-    trust = TrustStore(read_engine, writer, archive_dir=cfg.state_dir / "trust")
     cert, key = cfg.path(cfg.tls.certificate), cfg.path(cfg.tls.key)
-    remote = RemoteDelivery(queue, blobs, trust, validator, RemoteSettings(
+    remote = RemoteDelivery(queue, blobs, trust, side.validator, RemoteSettings(
         hostname=cfg.server.hostname, local_domains=local_domains, certificate=cert, key=key,
         ca_bundle=cfg.path(cfg.tls.trust_anchors),
         next_hops={d: NextHop(h.host, h.port) for d, h in cfg.relay.next_hops.items()},
@@ -134,57 +192,35 @@ async def start(cfg: Config) -> Node:
     receipts = ReadReceipts(store, queue, hostname=cfg.server.hostname)
     node.parts.update(read_engine=read_engine, writer=writer, queue=queue, store=store, delivery=delivery,
                       remote=remote, reports=reports, refresher=refresher, trust=trust, receipts=receipts,
-                      audit=audit, directory=directory, authenticator=authenticator)
-
-    tls = server_context(cert, key)
-    settings = SubmissionSettings(
-        hostname=cfg.server.hostname,
-        local_domains=frozenset(cfg.server.domains),
-        max_message_size=cfg.limits.max_message_size,
-        max_recipients=cfg.limits.max_recipients,
-        timeout=cfg.limits.smtp_timeout,
-    )
-    handler = SubmissionHandler(settings, authenticator, directory, queue, audit, trust)
-    relay_handler = RelayHandler(
-        RelaySettings(hostname=cfg.server.hostname, local_domains=local_domains,
-                      max_message_size=cfg.limits.max_message_size, max_recipients=cfg.limits.max_recipients,
-                      max_hops=cfg.relay.max_hops, timeout=cfg.limits.smtp_timeout),
-        validator, trust, directory, queue, audit)
-    node.parts["smtp_handler"] = handler
-    node.parts["relay_handler"] = relay_handler
-    loop = asyncio.get_running_loop()
+                      audit=side.audit, directory=side.directory, authenticator=side.authenticator,
+                      smtp_handler=side.handler, relay_handler=side.relay_handler)
     delivery.start()
     remote.start()
     reports.start()
     if refresher is not None:
         refresher.start()
 
-    async def listen_smtp(name: str, where: HostPort | None, implicit: bool) -> None:
+    sockets: dict[str, Any] = {}
+    for kind, where in (("relay", cfg.listen.relay), ("submission", cfg.listen.submission),
+                        ("submissions", cfg.listen.submissions)):
         if where is None:
-            return
-        server = await loop.create_server(
-            make_protocol_factory(handler, tls, implicit_tls=implicit), where.host, where.port,
-            ssl=tls if implicit else None, reuse_address=True,
-        )
-        node.smtp_servers.append(server)
+            continue
+        server = await listen_smtp(side, kind, host=where.host, port=where.port)
+        (node.relay_servers if kind == "relay" else node.smtp_servers).append(server)
+        sockets[kind] = server.sockets[0]
         host, port = server.sockets[0].getsockname()[:2]
-        node.addresses[name] = f"{host}:{port}"
-
-    if cfg.listen.relay is not None:
-        relay_server = await loop.create_server(make_relay_factory(relay_handler, tls), cfg.listen.relay.host,
-                                                cfg.listen.relay.port, reuse_address=True)
-        node.relay_servers.append(relay_server)
-        host, port = relay_server.sockets[0].getsockname()[:2]
-        node.addresses["relay"] = f"{host}:{port}"
-    await listen_smtp("submission", cfg.listen.submission, False)
-    await listen_smtp("submissions", cfg.listen.submissions, True)
+        node.addresses[kind] = f"{host}:{port}"
+    if sockets and cfg.smtp_process_count > 1:
+        pool = AcceptorPool(cfg, sockets, cfg.smtp_process_count - 1, queue)
+        node.parts["acceptors"] = pool
+        await pool.start()
 
     imap_tls = twisted_server_context_factory(cert, key)
-    imap_auth = _imap_authenticator(authenticator)
+    imap_auth = _imap_authenticator(side.authenticator)
     for name, where, implicit in (("imap", cfg.listen.imap, False), ("imaps", cfg.listen.imaps, True)):
         if where is None:
             continue
-        factory = build_imap_factory(store, imap_auth, audit, imap_tls, implicit_tls=implicit,
+        factory = build_imap_factory(store, imap_auth, side.audit, imap_tls, implicit_tls=implicit,
                                      max_append_size=cfg.limits.imap_max_append_size,
                                      hostname=cfg.server.hostname)
         if implicit:
@@ -195,7 +231,7 @@ async def start(cfg: Config) -> Node:
         addr = port.getHost()
         node.addresses[name] = f"{addr.host}:{addr.port}"
     _start_ldaps(node, reactor, cfg, read_engine)
-    _start_admin(node, reactor, cfg, authenticator, read_engine)
+    _start_admin(node, reactor, cfg, side.authenticator, read_engine)
 
     for name, address in node.addresses.items():
         log.info("event=listening protocol=%s address=%s", name, address)
@@ -252,10 +288,15 @@ async def stop(node: Node) -> None:
     from mailserver.smtp_protocol import shutdown
 
     log.info("event=stopping")
+    acceptors = node.parts.get("acceptors")
+    if acceptors is not None:
+        acceptors.terminate()  # they stop listening and finish their sessions beside this process
     for port in node.twisted_ports:
         await _from_deferred(port.stopListening())
     await asyncio.gather(shutdown(node.parts["smtp_handler"], node.smtp_servers),
                          shutdown(node.parts["relay_handler"], node.relay_servers))
+    if acceptors is not None:
+        await acceptors.wait()
     if node.parts.get("refresher") is not None:
         await node.parts["refresher"].stop()
     await node.parts["receipts"].drain()

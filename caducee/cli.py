@@ -51,6 +51,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.acceptor:
+        from caducee.acceptors import serve_acceptor
+
+        return serve_acceptor(_load(args), args.acceptor)
     from caducee.app import serve
 
     return serve(_load(args))
@@ -172,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[state], help="run every listener until SIGTERM",
                        description="Run SMTP submission and IMAP listeners; SIGTERM or SIGINT stops cleanly.")
+    # Started by the node itself for `[server] smtp_processes` (caducee.acceptors), never by hand.
+    p.add_argument("--acceptor", metavar="SPEC", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     audit = sub.add_parser("audit", help="the tamper-evident audit trail").add_subparsers(

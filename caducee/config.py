@@ -7,6 +7,7 @@ not silently fall back to a default). Relative paths are relative to the state f
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ class ServerConfig:
     domains: tuple[str, ...] = ("caducee.localhost",)
     organisation: str = "Caducée"
     structure_id: str = "3" + "99999999900009"
+    # Processes accepting SMTP (submission, submissions, relay): this one and smtp_processes - 1 more
+    # sharing its listening sockets; 0 = one per CPU.
+    smtp_processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,13 @@ class Config:
         return ",".join(f"dc={label}" for label in self.server.domains[0].split("."))
 
     @property
+    def smtp_process_count(self) -> int:
+        """How many processes accept SMTP: `server.smtp_processes`, 0 being the CPUs this process may use."""
+        if self.server.smtp_processes:
+            return self.server.smtp_processes
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_SMTP_PROCESSES))
+
+    @property
     def database_url(self) -> str:
         url = self.database.url
         prefix = "sqlite:///"
@@ -180,6 +191,7 @@ SECTIONS: dict[str, type] = {
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_SMTP_PROCESSES = 64
 
 
 def _parse_hostport(value: Any) -> HostPort | None:
@@ -217,6 +229,10 @@ def _convert(section: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, int):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError("expected an integer")
+        if section == "server" and key == "smtp_processes":
+            if not 0 <= value <= MAX_SMTP_PROCESSES:
+                raise ValueError(f"expected 0 (one per CPU) to {MAX_SMTP_PROCESSES}")
+            return value
         if section == "storage" and key == "inline_max":
             if not 0 <= value <= INLINE_LIMIT:
                 raise ValueError(f"expected 0 (every body a file) to {INLINE_LIMIT} bytes")
@@ -315,6 +331,9 @@ domains = ["{domain}"]
 # The operator: organisation name and structure national id (prefix 1 = FINESS, 3 = SIRET).
 organisation = "{d.server.organisation}"
 structure_id = "{d.server.structure_id}"
+# Processes accepting SMTP connections: TLS handshakes and sessions spread over the CPUs; delivery,
+# IMAP, LDAP and the admin API stay in the first. 0 = one per CPU.
+smtp_processes = {d.server.smtp_processes}
 
 [listen]
 # "host:port"; "" disables a listener. Production ports: 587, 465, 143, 993.

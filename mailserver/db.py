@@ -6,17 +6,27 @@ the batch is then run again with a savepoint per job, and the others commit. So 
 it must act on the database only (its connection), or do work that is the same done twice (the queue's
 job writes its content-addressed body blob). One fsync serves every message accepted in the same
 batch, which is how a Python server out-runs one fsync per message (DESIGN.md §3).
+
+Several processes may write one SQLite database (the SMTP acceptor processes, the CLI): each writer then
+takes an exclusive `flock` on `<database>-writer.lock` around its transaction. SQLite would serialise them
+anyway, but a writer that finds the database locked polls it with sleeps of 1, 2, 5, 10… ms; the lock
+hands the turn over at once, in the order the kernel wakes waiters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -60,6 +70,15 @@ def make_engine(url: str, *, writer: bool = False) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10 if not writer else 2)
 
 
+def writer_lock_path(url: sa.URL | str) -> Path | None:
+    """The file whose `flock` the writers of an SQLite database file take around their transactions;
+    None for a database that is not an SQLite file (PostgreSQL serialises its writers itself)."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database + "-writer.lock")
+
+
 @dataclass
 class _Pending:
     job: Callable[[sa.Connection], Any]
@@ -96,6 +115,8 @@ class Writer:
 
     def __init__(self, engine: sa.Engine, name: str = "db-writer") -> None:
         self.engine = engine
+        self._lock_path = writer_lock_path(engine.url)
+        self._lock_fd: int | None = None
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._started = False
@@ -163,6 +184,23 @@ class Writer:
                 batch.append(nxt)
             self._run_batch(batch)
         self._release_connection()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This process's turn to write, among the processes writing the same SQLite file."""
+        if self._lock_path is None:
+            yield
+            return
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _connection(self) -> sa.Connection:
         """The writer's connection, kept from batch to batch: taking one from the pool and giving it back
@@ -204,7 +242,7 @@ class Writer:
         began = False
         try:
             conn = self._connection()
-            with conn.begin():
+            with self._turn(), conn.begin():
                 began = True
                 hooks: dict[tuple[int, str], Callable[[], None]] = {}
                 deferred: dict[str, tuple[Callable[[sa.Connection, list[Any]], None], list[Any]]] = {}

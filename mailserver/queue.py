@@ -120,6 +120,8 @@ class Queue:
         self.blobs = blobs
         self.node = node or f"{os.uname().nodename}:{os.getpid()}"
         self._subscribers: list[asyncio.Event] = []
+        # Called by `notify` too: an acceptor process tells the process that delivers (caducee.acceptors).
+        self.forward: Callable[[], None] | None = None
         self.quarantined = 0
 
     def subscribe(self) -> asyncio.Event:
@@ -131,6 +133,8 @@ class Queue:
     def notify(self) -> None:
         for event in self._subscribers:
             event.set()
+        if self.forward is not None:
+            self.forward()
 
     async def enqueue(self, envelope: Envelope, data: bytes, *, queue_id: str | None = None,
                       also: Callable[[sa.Connection], None] | None = None) -> str:

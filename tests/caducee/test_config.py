@@ -61,3 +61,14 @@ def test_inline_max_takes_0_to_1_mib(tmp_path: Path) -> None:
     for bad in (-1, 1024 * 1024 + 1, "64k"):
         with pytest.raises(config.ConfigError, match="storage.inline_max"):
             config.parse({"storage": {"inline_max": bad}}, tmp_path, tmp_path / "c.toml")
+
+
+def test_smtp_processes_takes_0_for_one_per_cpu_to_64(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "c.toml"
+    assert config.parse({}, tmp_path, source).smtp_process_count == 1
+    assert config.parse({"server": {"smtp_processes": 3}}, tmp_path, source).smtp_process_count == 3
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4, 5})
+    assert config.parse({"server": {"smtp_processes": 0}}, tmp_path, source).smtp_process_count == 6
+    for bad in (-1, 65, "auto", True):
+        with pytest.raises(config.ConfigError, match="server.smtp_processes"):
+            config.parse({"server": {"smtp_processes": bad}}, tmp_path, source)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import fcntl
 import hashlib
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -142,6 +145,42 @@ def test_writer_runs_a_job_again_when_its_kept_connection_died(engines: tuple[sa
     assert len(checkouts) == 2
     with read.connect() as conn:
         assert conn.execute(sa.select(audit_log.c.actor).order_by(audit_log.c.seq)).scalars().all() == ["before", "after"]
+
+
+def test_writers_of_one_sqlite_file_take_turns_through_its_lock(engines: tuple[sa.Engine, Writer]) -> None:
+    read, writer = engines
+    lock_path = db.writer_lock_path(writer.engine.url)
+    assert lock_path is not None and lock_path.name.endswith(".db-writer.lock")
+    # Another process's writer in its transaction: this one waits for the lock, not for SQLite's busy sleeps.
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        done = threading.Event()
+        waiting = threading.Thread(target=lambda: (writer.run_sync(
+            lambda c: audit.append_in(c, AuditEvent.ADMIN, actor="waited")), done.set()))
+        waiting.start()
+        assert not done.wait(0.5)
+        with read.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar_one() == 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        assert done.wait(10)
+        waiting.join()
+    finally:
+        os.close(fd)
+    # Its lock is free again once the transaction is over.
+    fd = os.open(lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    assert audit.verify(read) == (1, None)
+
+
+def test_only_sqlite_files_have_a_writer_lock(tmp_path: Path) -> None:
+    assert db.writer_lock_path(f"sqlite:///{tmp_path}/caducee.db") == tmp_path / "caducee.db-writer.lock"
+    assert db.writer_lock_path("sqlite://") is None
+    assert db.writer_lock_path("sqlite:///:memory:") is None
+    assert db.writer_lock_path("postgresql+psycopg://caducee@127.0.0.1:5432/caducee") is None
 
 
 def test_enqueue_then_deliver_exactly_once(engines: tuple[sa.Engine, Writer], tmp_path: Path) -> None:
