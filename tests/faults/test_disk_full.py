@@ -162,9 +162,14 @@ def test_disk_full_during_data_answers_452_and_loses_nothing(tmp_path: Path, sma
     acked = {mid for _, mid, c, _ in results if c == 250}
     refused = {mid for _, mid, c, _ in results if c != 250}
     assert not [r for r in results if r[2] >= 500], "a permanent failure for a temporary condition"
-    # A message sent and answered while the disk was full: 452 4.3.1, every one. Before and after: 250.
-    # (One that straddles a switch may get either.)
-    assert set(by_phase["full/full"]) == {"452 4.3.1"}, by_phase["full/full"]
+    # A message sent and answered while the disk was full: 452 4.3.1 (at least the 20 waited for above).
+    # A 250 too where its rows fit in space the database already holds: SQLite writes its log again from
+    # the start after a checkpoint, into pages the file has, so a burst before the fill can leave room
+    # for many more (seen under load: 125 of 157); such a message is stored, and is checked below to
+    # be delivered like every acknowledged one. Before and after: 250. (One that straddles a switch may
+    # get either.)
+    assert set(by_phase["full/full"]) <= {"452 4.3.1", "250 2.0.0"}, by_phase["full/full"]
+    assert by_phase["full/full"]["452 4.3.1"] >= 20
     assert set(by_phase["before/before"]) == {"250 2.0.0"} == set(by_phase["after/after"])
 
     try:
