@@ -9,7 +9,9 @@ aiosmtpd behaviour replaced in this one place (REFERENCE.md §6), each with a te
 - a session inside DATA is tracked so that shutdown lets it finish (`shutdown`);
 - the idle timeout is one timer per session whose deadline each command moves, not a new timer per
   command (`_reset_timeout`);
-- its per-connection method tables are built from short name lists (`HookNames`).
+- its per-connection method tables are built from short name lists (`HookNames`);
+- a multi-line reply is written at once, not line by line (`push`), and the session's deprecated
+  `login_data` is a plain attribute (`_Session`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from aiosmtpd.smtp import MISSING, SMTP, Envelope as SmtpEnvelope, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope as SmtpEnvelope, Session, syntax
 
 from mailserver import replies
 from mailserver.dsn import parse_notify, parse_orcpt, validate_envid
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 class _LibraryNoise(logging.Filter):
     """aiosmtpd warnings that do not apply to how it is used here."""
 
-    NOISE = ("auth_required == True but auth_require_tls == False", "Session.login_data is deprecated")
+    NOISE = ("auth_required == True but auth_require_tls == False",)
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(n in record.getMessage() for n in self.NOISE)
@@ -136,6 +138,13 @@ class HookNames:
         return list(names)
 
 
+class _Session(Session):
+    """aiosmtpd's session with `login_data` a plain attribute: aiosmtpd sets it at every AUTH through a
+    deprecated property that logs a warning each time (a log record built, then dropped)."""
+
+    login_data: Any = None
+
+
 class CaduceeSMTP(HookNames, SMTP):
     """aiosmtpd's SMTP with the fixes above. `handler.connections` tracks the live sessions."""
 
@@ -144,9 +153,13 @@ class CaduceeSMTP(HookNames, SMTP):
         self.implicit_tls = implicit_tls
         self.dsn = dsn
         self._in_ehlo = False
+        self._held: list[str] = []  # continuation lines of the reply being written
         self.in_data = False
         self._deadline = 0.0
         handler.connections.add(self)
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
@@ -155,6 +168,16 @@ class CaduceeSMTP(HookNames, SMTP):
             status = _REPLY_UNSAFE.sub("?", status)
             if not self._in_ehlo:
                 status = replies.with_enhanced_code(status)
+            # aiosmtpd writes each line of a multi-line reply (EHLO's ten) by itself: a TLS record and a
+            # send() each, and as many wake-ups of the client. Continuation lines ("250-…", RFC 5321
+            # §4.2.1) wait for the reply's last line and go out with it, in one write.
+            if status[3:4] == "-":
+                self._held.append(status)
+                return
+            if self._held:
+                self._held.append(status)
+                status = "\r\n".join(self._held)
+                self._held.clear()
         await super().push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:

@@ -221,3 +221,29 @@ def test_idle_sessions_are_closed_and_commands_move_the_deadline(running: Runnin
         busy.quit()
     finally:
         asyncio.run_coroutine_threadsafe(shutdown(short, [server], grace=1), running.loop).result(10)
+
+
+def test_a_multi_line_reply_is_written_at_once(running: Running) -> None:
+    """EHLO's lines go out in one TLS record (aiosmtpd wrote one per line, each its own send())."""
+    import socket
+
+    ctx = ssl.create_default_context(cafile=str(running.state / running.demo["ca_bundle"]))
+    with ctx.wrap_socket(socket.create_connection(("localhost", running.port), timeout=10),
+                         server_hostname="localhost") as s:
+        assert s.recv(65536).startswith(b"220 ")
+        s.sendall(b"EHLO unit.test\r\n")
+        time.sleep(0.3)  # every line has arrived, whichever way it was written
+        reply = s.recv(65536)  # the plaintext of one TLS record
+        lines = reply.split(b"\r\n")
+        assert lines[0] == b"250-localhost" and lines[-2:] == [b"250 ENHANCEDSTATUSCODES", b""], reply
+        assert all(line.startswith(b"250-") for line in lines[1:-2]) and len(lines) > 5
+        s.sendall(b"NOOP\r\n")
+        assert s.recv(65536) == b"250 2.0.0 OK\r\n"
+
+
+def test_login_builds_no_deprecation_warning(running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="mail.log"):
+        s = running.client(0)
+        assert s.noop()[0] == 250
+        s.quit()
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
