@@ -164,10 +164,20 @@ def _accept_any(preverify_ok: int, x509_store_ctx: int | None) -> int:
     return 1
 
 
-# Module-level, hence alive for the whole process: OpenSSL keeps a raw pointer to this trampoline in every
+_CertVerifyCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
+def _accept_chain(x509_store_ctx: int | None, arg: int | None) -> int:
+    """OpenSSL certificate verification callback (SSL_CTX_set_cert_verify_callback(3)), called once per
+    handshake instead of X509_verify_cert: the chain is accepted without building or checking it."""
+    return 1
+
+
+# Module-level, hence alive for the whole process: OpenSSL keeps a raw pointer to these trampolines in every
 # patched SSL_CTX, and a collected ctypes callback would leave a dangling pointer.
 _ACCEPT_ANY_CALLBACK: Final = _VerifyCallback(_accept_any)
 _ACCEPT_ANY_ADDRESS: Final = ctypes.cast(_ACCEPT_ANY_CALLBACK, ctypes.c_void_p).value
+_ACCEPT_CHAIN_CALLBACK: Final = _CertVerifyCallback(_accept_chain)
 
 
 class _LibSSL:
@@ -187,6 +197,9 @@ class _LibSSL:
         self.SSL_CTX_set_verify = library.SSL_CTX_set_verify
         self.SSL_CTX_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, _VerifyCallback]
         self.SSL_CTX_set_verify.restype = None
+        self.SSL_CTX_set_cert_verify_callback = library.SSL_CTX_set_cert_verify_callback
+        self.SSL_CTX_set_cert_verify_callback.argtypes = [ctypes.c_void_p, _CertVerifyCallback, ctypes.c_void_p]
+        self.SSL_CTX_set_cert_verify_callback.restype = None
         self.SSL_CTX_ctrl = library.SSL_CTX_ctrl
         self.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
         self.SSL_CTX_ctrl.restype = ctypes.c_long
@@ -294,10 +307,13 @@ def accept_any_client_certificate(ctx: ssl.SSLContext) -> None:
     How: the context's ``SSL_CTX *`` is found by CPython's struct layout (:func:`_ssl_ctx_pointer`),
     proven by reading back values through OpenSSL (:func:`_check_pointer`; ``RuntimeError`` if the proof
     fails, before anything is written), then ``SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, cb)`` installs a
-    callback returning 1 for every certificate (SSL_CTX_set_verify(3)). The client must still prove
-    possession of its key (CertificateVerify), so the certificate that reaches the application is the
-    client's. CPython keeps the callback when ``verify_mode`` is set later, and copies it to each
-    connection. Do **not** use this on a client context: the server certificate would go unverified.
+    callback returning 1 for every certificate (SSL_CTX_set_verify(3)), and
+    ``SSL_CTX_set_cert_verify_callback`` one that accepts the chain without OpenSSL building and checking
+    it (X509_verify_cert, whose verdict would be ignored: a seventh of a server handshake's CPU). The
+    client must still prove possession of its key (CertificateVerify, checked apart from the chain), so
+    the certificate that reaches the application is the client's. CPython keeps the callbacks when
+    ``verify_mode`` is set later, and copies them to each connection. Do **not** use this on a client
+    context: the server certificate would go unverified.
 
     After the call ``ctx.verify_mode`` is ``CERT_OPTIONAL``; read the peer certificate with
     :func:`peer_certificate_der`.
@@ -308,6 +324,7 @@ def accept_any_client_certificate(ctx: ssl.SSLContext) -> None:
     pointer = _ssl_ctx_pointer(ctx)
     _check_pointer(lib, pointer, ctx)
     lib.SSL_CTX_set_verify(pointer, _SSL_VERIFY_PEER, _ACCEPT_ANY_CALLBACK)
+    lib.SSL_CTX_set_cert_verify_callback(pointer, _ACCEPT_CHAIN_CALLBACK, None)
     installed = lib.SSL_CTX_get_verify_callback(pointer)
     if installed != _ACCEPT_ANY_ADDRESS or ctx.verify_mode != ssl.CERT_OPTIONAL:
         raise RuntimeError("the verify callback was not installed on the TLS context")

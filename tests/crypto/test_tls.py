@@ -222,6 +222,39 @@ def test_unknown_ca_client_certificate_completes_the_handshake(
     assert version == outcome.version == "TLSv1.3"
 
 
+def test_openssl_does_not_build_the_client_chain_it_would_ignore(
+    server_cert: IssuedCertificate, pki: DevPKI, foreign_client: IssuedCertificate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chain is accepted by one callback per handshake (SSL_CTX_set_cert_verify_callback), not built and
+    checked by X509_verify_cert calling the per-certificate callback; the certificate still arrives."""
+    chain_calls: list[int] = []
+    certificate_calls: list[int] = []
+
+    def accept_chain(_store: int | None, _arg: int | None) -> int:
+        chain_calls.append(1)
+        return 1
+
+    def accept_any(_ok: int, _store: int | None) -> int:
+        certificate_calls.append(1)
+        return 1
+
+    chain_cb = tls._CertVerifyCallback(accept_chain)
+    any_cb = tls._VerifyCallback(accept_any)
+    monkeypatch.setattr(tls, "_ACCEPT_CHAIN_CALLBACK", chain_cb)
+    monkeypatch.setattr(tls, "_ACCEPT_ANY_CALLBACK", any_cb)
+    monkeypatch.setattr(tls, "_ACCEPT_ANY_ADDRESS", ctypes.cast(any_cb, ctypes.c_void_p).value)
+    own = BlockingTLSServer("ssl", server_cert)
+    try:
+        client = tls.client_context(pki.ca_bundle_path, foreign_client.cert_path, foreign_client.key_path)
+        for _ in range(2):
+            connect(own.port, client)
+            outcome = own.next_outcome()
+            assert outcome.error is None and outcome.der == der(foreign_client)
+    finally:
+        own.close()
+    assert (len(chain_calls), len(certificate_calls)) == (2, 0)
+
+
 def test_no_client_certificate_completes_the_handshake(server: BlockingTLSServer, pki: DevPKI) -> None:
     connect(server.port, tls.client_context(pki.ca_bundle_path))
     outcome = server.next_outcome()
