@@ -182,6 +182,16 @@ class DirectoryStore:
             row = conn.execute(_SERVED_BY_ADDRESS, {"address": normalise_address(address)}).first()
         return _mailbox(row) if row else None
 
+    def login_view(self, national_id: str) -> tuple[Principal, list[Mailbox]] | None:
+        """`principal_by_national_id` and its `mailboxes_of`, on one connection (a login's two reads: one
+        pool checkout and reset instead of two)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(_ACTIVE_PRINCIPAL, {"national_id": national_id}).first()
+            if row is None:
+                return None
+            principal = _principal(row)
+            return principal, [_mailbox(r) for r in conn.execute(_MAILBOXES_OF, {"principal_id": principal.id})]
+
     def mailboxes_of(self, principal_id: int) -> list[Mailbox]:
         """Hosted mailboxes the principal owns or was granted, by preference then address."""
         with self.engine.connect() as conn:

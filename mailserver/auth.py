@@ -64,13 +64,14 @@ class CertificateAuthenticator:
             cert = self.validator.validate(cert_der)
         except CertificateRejected as exc:
             raise LoginRefused(f"certificate_{exc.reason.name.lower()}") from None
-        principal = self.directory.principal_by_national_id(cert.national_id)
-        if principal is None:
+        found = self.directory.login_view(cert.national_id)
+        if found is None:
             raise LoginRefused("unknown_principal")
+        principal, owned = found
         expected = PrincipalKind.PERSON if cert.kind.name == "PERSON" else PrincipalKind.ORGANISATION
         if principal.kind is not expected:
             raise LoginRefused("principal_kind_mismatch")
-        mailboxes = tuple(self.directory.mailboxes_of(principal.id))
+        mailboxes = tuple(owned)
         if not mailboxes:
             raise LoginRefused("no_mailbox")
         identity = Identity(principal, mailboxes, cert, authzid)

@@ -221,6 +221,10 @@ def scenario_mailboxes(url: str, tmp_path: Path) -> None:
         assert store.mailbox_by_address("elodie.dupre@medecin.mssante.fr") is None
         assert {m.address for m in store.mailboxes_of(hospital.id)} == {
             "lis@ch-exemple.mssante.fr", "secretariat.cardio@ch-exemple.mssante.fr"}
+        # What a login reads, in one go: the same principal and mailboxes, nothing for an unknown id.
+        assert store.login_view(HOSPITAL) == (hospital, store.mailboxes_of(hospital.id))
+        assert store.login_view(DUPRE) == (dupre, [local])
+        assert store.login_view("899999999999") is None
 
         # The next extraction drops two mailboxes and changes the type of another: the type change is
         # refused (the mailbox stays as it is), the dropped ones are deactivated, the local one stays.
