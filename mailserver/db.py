@@ -7,6 +7,10 @@ it must act on the database only (its connection), or do work that is the same d
 job writes its content-addressed body blob). One fsync serves every message accepted in the same
 batch, which is how a Python server out-runs one fsync per message (DESIGN.md §3).
 
+A fire-and-forget job (`submit_nowait`: audit events) does not start a transaction of its own: it rides
+with the next batch, in the order it was submitted, or is committed alone after `RIDE_ALONG` seconds. A
+login's audit entry so shares the commit of the message that follows it instead of costing one.
+
 Several processes may write one SQLite database (the SMTP acceptor processes, the CLI): each writer then
 takes an exclusive `flock` on `<database>-writer.lock` around its transaction. SQLite would serialise them
 anyway, but a writer that finds the database locked polls it with sleeps of 1, 2, 5, 10… ms; the lock
@@ -16,8 +20,10 @@ hands the turn over at once, in the order the kernel wakes waiters.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import queue
@@ -40,6 +46,10 @@ MAX_BATCH = 256
 # A connection the writer has not used for this long goes back to the pool and the next batch takes one
 # from it (checked there: PostgreSQL's pre-ping); under load every batch reuses the same connection.
 IDLE_RECHECK = 5.0
+# Seconds a fire-and-forget job waits for a batch to ride with before it is committed alone.
+RIDE_ALONG = 0.05
+_ORDER = itertools.count()  # submission order of jobs, kept within a batch
+_WAKE = object()  # tells the writer a fire-and-forget job is waiting (it then waits with a deadline)
 
 
 def make_engine(url: str, *, writer: bool = False) -> sa.Engine:
@@ -89,6 +99,8 @@ class _Pending:
     result: Any = None
     error: BaseException | None = None
     callbacks: list[Callable[[], None]] = field(default_factory=list)
+    order: int = field(default_factory=lambda: next(_ORDER))
+    since: float = 0.0  # when a fire-and-forget job was submitted (time.monotonic)
 
 
 _DEFERRED = "caducee.deferred"
@@ -117,7 +129,9 @@ class Writer:
         self.engine = engine
         self._lock_path = writer_lock_path(engine.url)
         self._lock_fd: int | None = None
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Pending | object | None] = queue.SimpleQueue()
+        self._riders: collections.deque[_Pending] = collections.deque()  # fire-and-forget jobs waiting
+        self._riders_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._started = False
         self._stopped = False
@@ -157,8 +171,17 @@ class Writer:
         return pending.result  # type: ignore[no-any-return]
 
     def submit_nowait(self, job: Job[Any]) -> None:
-        """Fire and forget (audit events): errors are logged, never raised to the caller."""
-        self._submit(_Pending(job, None, None))
+        """Fire and forget (audit events): errors are logged, never raised to the caller. The job rides with
+        the next batch, or is committed alone after RIDE_ALONG seconds."""
+        if self._stopped:
+            raise RuntimeError("database writer stopped")
+        self.start()
+        pending = _Pending(job, None, None, since=time.monotonic())
+        with self._riders_lock:
+            wake = not self._riders
+            self._riders.append(pending)
+        if wake:
+            self._queue.put(_WAKE)
 
     def _submit(self, pending: _Pending) -> None:
         if self._stopped:
@@ -169,10 +192,16 @@ class Writer:
     def _loop(self) -> None:
         stop = False
         while not stop:
-            first = self._queue.get()
+            with self._riders_lock:
+                deadline = self._riders[0].since + RIDE_ALONG if self._riders else None
+            try:
+                first = self._queue.get(timeout=max(0.0, deadline - time.monotonic())
+                                        if deadline is not None else None)
+            except queue.Empty:
+                first = _WAKE  # riders waited long enough: they go alone
             if first is None:
                 break
-            batch = [first]
+            batch: list[_Pending] = [first] if isinstance(first, _Pending) else []
             while len(batch) < MAX_BATCH:
                 try:
                     nxt = self._queue.get_nowait()
@@ -181,8 +210,15 @@ class Writer:
                 if nxt is None:
                     stop = True
                     break
-                batch.append(nxt)
-            self._run_batch(batch)
+                if isinstance(nxt, _Pending):
+                    batch.append(nxt)
+            if batch or stop or (deadline is not None and time.monotonic() >= deadline):
+                batch = self._with_riders(batch)
+            if batch:
+                self._run_batch(batch)
+        leftover = self._with_riders([])
+        if leftover:
+            self._run_batch(leftover)
         self._release_connection()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -201,6 +237,15 @@ class Writer:
             yield
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _with_riders(self, batch: list[_Pending]) -> list[_Pending]:
+        """`batch` and every fire-and-forget job waiting, in submission order."""
+        with self._riders_lock:
+            if not self._riders:
+                return batch
+            riders = list(self._riders)
+            self._riders.clear()
+        return sorted(batch + riders, key=lambda p: p.order)
 
     def _connection(self) -> sa.Connection:
         """The writer's connection, kept from batch to batch: taking one from the pool and giving it back

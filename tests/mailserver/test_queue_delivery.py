@@ -8,6 +8,8 @@ import fcntl
 import hashlib
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,50 @@ def test_writers_of_one_sqlite_file_take_turns_through_its_lock(engines: tuple[s
     finally:
         os.close(fd)
     assert audit.verify(read) == (1, None)
+
+
+def test_fire_and_forget_jobs_ride_with_the_next_batch_in_submission_order(
+        engines: tuple[sa.Engine, Writer], monkeypatch: pytest.MonkeyPatch) -> None:
+    read, writer = engines
+    monkeypatch.setattr(db, "RIDE_ALONG", 2.0)
+
+    def entry(actor: str) -> Callable[[sa.Connection], None]:
+        return lambda c: audit.append_in(c, AuditEvent.ADMIN, actor=actor)
+
+    async def main() -> None:
+        writer.submit_nowait(entry("login"))  # no commit of its own ...
+        await asyncio.sleep(0.2)
+        await writer.run(entry("message"))  # ... it goes with this one, first
+        assert writer.batches == 1
+        tasks = []
+        for i in range(5):  # interleaved: the trail keeps the order they were submitted in
+            writer.submit_nowait(entry(f"event-{i}"))
+            tasks.append(asyncio.create_task(writer.run(entry(f"job-{i}"))))
+            await asyncio.sleep(0)  # the task submits its job now
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    with read.connect() as conn:
+        actors = conn.execute(sa.select(audit_log.c.actor).order_by(audit_log.c.seq)).scalars().all()
+    assert actors == ["login", "message"] + [a for i in range(5) for a in (f"event-{i}", f"job-{i}")]
+    assert audit.verify(read) == (12, None)
+
+
+def test_a_fire_and_forget_job_alone_is_committed_after_a_short_wait(engines: tuple[sa.Engine, Writer]) -> None:
+    read, writer = engines
+
+    def count() -> int:
+        with read.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar_one())
+
+    writer.submit_nowait(lambda c: audit.append_in(c, AuditEvent.ADMIN, actor="alone"))
+    deadline = time.monotonic() + 5
+    while count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert count() == 1 and writer.batches == 1
+    writer.submit_nowait(lambda c: audit.append_in(c, AuditEvent.ADMIN, actor="at-stop"))
+    writer.stop()  # stopping commits what is waiting
+    assert count() == 2
 
 
 def test_only_sqlite_files_have_a_writer_lock(tmp_path: Path) -> None:
