@@ -244,7 +244,8 @@ def _imap_authenticator(authenticator: Any) -> Any:
 
     async def authenticate(cert_der: bytes | None, authzid: str) -> ImapLogin | None:
         try:
-            identity = await asyncio.to_thread(authenticator.authenticate, cert_der, authzid)
+            identity = (authenticator.from_memory(cert_der, authzid)
+                        or await asyncio.to_thread(authenticator.authenticate, cert_der, authzid))
         except LoginRefused as exc:
             log.info("event=login_failed protocol=imap reason=%s", exc.reason)
             return None

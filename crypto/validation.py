@@ -469,6 +469,20 @@ class CertificateValidator:
 
     # -------------------- CRLs
 
+    def crls_changed(self) -> bool:
+        """Whether `validate` would read a CRL file again (one changed, appeared or went since it was read):
+        a `stat` of each. Callers that validate on an event loop do it in a thread when this is true."""
+        for crl_file in self._crl_files:
+            try:
+                info = os.stat(crl_file.path)
+            except OSError:
+                if crl_file.stamp is not None or not crl_file.loaded_once:
+                    return True
+                continue
+            if (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns) != crl_file.stamp:
+                return True
+        return False
+
     def _refresh_crls(self) -> Mapping[tuple[bytes, bytes], _TrustedCrl]:
         """Reload changed CRL files and return the index CA → best valid CRL."""
         with self._lock:

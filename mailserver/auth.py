@@ -9,6 +9,7 @@ person, the structure id for an organisation) must name an active principal of t
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from crypto.validation import CertificateRejected, CertificateValidator, ValidatedCertificate
@@ -52,22 +53,58 @@ class Identity:
 
 
 class CertificateAuthenticator:
-    def __init__(self, validator: CertificateValidator, directory: DirectoryStore) -> None:
+    """Certificate login. `authenticate` reads the directory (run it in a thread); `from_memory` answers
+    on the event loop when it can.
+
+    The directory's answer for a principal (`login_view`) is kept `ttl` seconds: software sending each
+    report on a new connection logs in once per message, and a thread plus two reads per login was a
+    tenth of the time of such a message. The certificate is validated at every login, its CRLs included
+    (a changed CRL file sends the login through `authenticate`, which reads it): a revoked certificate is
+    refused at once. A principal deactivated or a mailbox withdrawn in the directory is refused at most
+    `ttl` seconds later, as `policy.RecipientCache` answers recipient checks."""
+
+    def __init__(self, validator: CertificateValidator, directory: DirectoryStore, *, ttl: float = 5.0,
+                 size: int = 10_000) -> None:
         self.validator = validator
         self.directory = directory
+        self.ttl = ttl
+        self.size = size
+        self._views: dict[str, tuple[float, tuple[Principal, list[Mailbox]] | None]] = {}
 
     def authenticate(self, cert_der: bytes | None, authzid: str = "") -> Identity:
         """Validate and map a client certificate; raises `LoginRefused`. Blocking: run in a thread."""
+        cert = self._validate(cert_der)
+        view = self.directory.login_view(cert.national_id)
+        if len(self._views) >= self.size:
+            self._views.clear()  # bounded; refilled by the next logins
+        self._views[cert.national_id] = (time.monotonic() + self.ttl, view)
+        return self._identity(cert, view, authzid)
+
+    def from_memory(self, cert_der: bytes | None, authzid: str = "") -> Identity | None:
+        """`authenticate` without blocking, or None when it must read (a CRL file changed, or the
+        principal was not looked up in the last `ttl` seconds): then call `authenticate` in a thread."""
+        if cert_der and self.validator.crls_changed():
+            return None
+        cert = self._validate(cert_der)
+        entry = self._views.get(cert.national_id)
+        if entry is None or time.monotonic() >= entry[0]:
+            return None
+        return self._identity(cert, entry[1], authzid)
+
+    def _validate(self, cert_der: bytes | None) -> ValidatedCertificate:
         if not cert_der:
             raise LoginRefused("no_client_certificate")
         try:
-            cert = self.validator.validate(cert_der)
+            return self.validator.validate(cert_der)
         except CertificateRejected as exc:
             raise LoginRefused(f"certificate_{exc.reason.name.lower()}") from None
-        found = self.directory.login_view(cert.national_id)
-        if found is None:
+
+    @staticmethod
+    def _identity(cert: ValidatedCertificate, view: tuple[Principal, list[Mailbox]] | None,
+                  authzid: str) -> Identity:
+        if view is None:
             raise LoginRefused("unknown_principal")
-        principal, owned = found
+        principal, owned = view
         expected = PrincipalKind.PERSON if cert.kind.name == "PERSON" else PrincipalKind.ORGANISATION
         if principal.kind is not expected:
             raise LoginRefused("principal_kind_mismatch")

@@ -105,7 +105,8 @@ class SubmissionHandler(HookNames):
         tls_object = server.tls_ssl_object
         der = peer_certificate_der(tls_object) if tls_object is not None else None
         try:
-            identity = await asyncio.to_thread(self.authenticator.authenticate, der, authzid)
+            identity = (self.authenticator.from_memory(der, authzid)
+                        or await asyncio.to_thread(self.authenticator.authenticate, der, authzid))
         except LoginRefused as exc:
             log.info("event=login_failed protocol=smtp peer=%s reason=%s", _peer(server), exc.reason)
             self.audit.record(AuditEvent.LOGIN_FAILED, actor="unknown", protocol="smtp",

@@ -97,6 +97,9 @@ class _Authenticator:
             raise LoginRefused("authzid_not_allowed")
         return IDENTITY
 
+    def from_memory(self, cert_der: bytes | None, authzid: str = "") -> Identity | None:
+        return None  # always the thread path: `authenticate`
+
 
 class _Directory:
     def mailbox_by_address(self, address: str) -> object | None:

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import smtplib
 import ssl
 import threading
@@ -247,3 +248,69 @@ def test_login_builds_no_deprecation_warning(running: Running, caplog: pytest.Lo
         assert s.noop()[0] == 250
         s.quit()
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def _authenticator(state: Path, ttl: float) -> tuple[Any, list[str]]:
+    from caducee.config import load
+    from mailserver.auth import CertificateAuthenticator
+
+    cfg = load(state)
+    directory = DirectoryStore(make_engine(cfg.database_url))
+    reads: list[str] = []
+    read = directory.login_view
+    directory.login_view = lambda national_id: (reads.append(national_id), read(national_id))[1]  # type: ignore[method-assign]
+    validator = CertificateValidator.from_files(cfg.path(cfg.tls.trust_anchors), [cfg.path(p) for p in cfg.tls.crls])
+    return CertificateAuthenticator(validator, directory, ttl=ttl), reads
+
+
+def _der(state: Path, demo: dict[str, Any], i: int) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    pem = (state / demo["identities"][i]["cert"]).read_bytes()
+    return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+
+
+def test_a_login_seen_a_moment_ago_is_answered_from_memory(state: Path) -> None:
+    from mailserver.auth import LoginRefused
+
+    demo = json.loads((state / "demo" / "demo.json").read_text())
+    auth, reads = _authenticator(state, ttl=60)
+    der = _der(state, demo, 0)
+    assert auth.from_memory(der) is None  # never looked up: the caller reads in a thread
+    first = auth.authenticate(der)
+    again = auth.from_memory(der)
+    assert again is not None and (again.principal, again.mailboxes) == (first.principal, first.mailboxes)
+    assert reads == [first.principal.national_id]  # one directory read for both
+    with pytest.raises(LoginRefused, match="authzid_not_allowed"):  # every check still applies
+        auth.from_memory(der, "someone@elsewhere.test")
+    with pytest.raises(LoginRefused, match="no_client_certificate"):
+        auth.from_memory(None)
+    # A CRL file that changed is read again first, by `authenticate`.
+    crl = auth.validator._crl_files[0].path
+    os.utime(crl, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert auth.from_memory(der) is None
+    auth.authenticate(der)
+    assert auth.from_memory(der) is not None
+    # Past the ttl, the directory is read again.
+    brief, brief_reads = _authenticator(state, ttl=0.0)
+    brief.authenticate(der)
+    assert brief.from_memory(der) is None and len(brief_reads) == 1
+
+
+def test_a_revoked_certificate_is_refused_at_its_next_login_even_from_memory(tmp_path: Path) -> None:
+    from crypto.pki import DevPKI
+    from mailserver.auth import LoginRefused
+
+    init_state(tmp_path, demo=True, say=lambda _: None)
+    demo = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    auth, _ = _authenticator(tmp_path, ttl=60)
+    der = _der(tmp_path, demo, 1)
+    auth.authenticate(der)
+    assert auth.from_memory(der) is not None
+    DevPKI.create_or_load(tmp_path / "pki").revoke(tmp_path / demo["identities"][1]["cert"])
+    assert auth.from_memory(der) is None  # its CA's CRL changed: read in a thread
+    with pytest.raises(LoginRefused, match="certificate_revoked"):
+        auth.authenticate(der)
+    with pytest.raises(LoginRefused, match="certificate_revoked"):
+        auth.from_memory(der)
