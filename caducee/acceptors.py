@@ -62,7 +62,6 @@ class AcceptorPool:
         self.sockets = sockets
         self.queue = queue
         self.slots = [_Slot(i) for i in range(1, count + 1)]
-        self.restarts = 0
         self._stopping = False
         self._monitor: asyncio.Task[None] | None = None
 
@@ -146,7 +145,6 @@ class AcceptorPool:
         if self._stopping:
             return
         delay, slot.pause = slot.pause, min(slot.pause * 2, RESTART_MAX)
-        self.restarts += 1
 
         def again() -> None:
             if not self._stopping:

@@ -9,10 +9,26 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from caducee import database
-from caducee.config import Config, HostPort
+from caducee.config import Config
+
+if TYPE_CHECKING:  # the modules themselves are imported when a node starts
+    import ssl
+
+    import sqlalchemy as sa
+
+    from crypto.validation import CertificateValidator
+    from directory.store import DirectoryStore
+    from mailserver.audit import AuditTrail
+    from mailserver.auth import CertificateAuthenticator
+    from mailserver.blobs import BlobStore
+    from mailserver.db import Writer
+    from mailserver.queue import Queue
+    from mailserver.relay_server import RelayHandler
+    from mailserver.smtp_server import SubmissionHandler
+    from mailserver.trust import TrustStore
 
 log = logging.getLogger("caducee")
 
@@ -88,18 +104,18 @@ class Node:
 class SmtpSide:
     """What accepting SMTP needs, built alike by the node and by its acceptor processes."""
 
-    read_engine: Any
-    writer: Any
-    blobs: Any
-    directory: Any
-    validator: Any
-    authenticator: Any
-    audit: Any
-    queue: Any
-    trust: Any
-    tls: Any
-    handler: Any
-    relay_handler: Any
+    read_engine: sa.Engine
+    writer: Writer
+    blobs: BlobStore
+    directory: DirectoryStore
+    validator: CertificateValidator
+    authenticator: CertificateAuthenticator
+    audit: AuditTrail
+    queue: Queue
+    trust: TrustStore
+    tls: ssl.SSLContext
+    handler: SubmissionHandler
+    relay_handler: RelayHandler
 
 
 def build_smtp_side(cfg: Config) -> SmtpSide:
