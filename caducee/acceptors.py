@@ -66,15 +66,21 @@ class AcceptorPool:
         self._monitor: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 30.0) -> None:
-        """Start every acceptor and wait until each listens (or `timeout`: the node serves without it)."""
+        """Start every acceptor and wait until each listens. One that exits first, or is not listening
+        after `timeout`, is logged and left to the monitor: the node serves without it meanwhile."""
         for slot in self.slots:
             self._spawn(slot)
         self._monitor = asyncio.create_task(self._watch(), name="acceptor-monitor")
-        try:
-            await asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in self.slots)), timeout)
-        except TimeoutError:
-            late = [s.index for s in self.slots if not s.ready.is_set()]
-            log.error("event=acceptor_not_ready acceptors=%s", ",".join(map(str, late)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            late = [s for s in self.slots if not s.ready.is_set()]
+            if not late:
+                return
+            if loop.time() > deadline or any(s.proc is None or s.proc.poll() is not None for s in late):
+                log.error("event=acceptor_not_ready acceptors=%s", ",".join(str(s.index) for s in late))
+                return
+            await asyncio.sleep(0.02)
 
     def pids(self) -> list[int]:
         return [s.proc.pid for s in self.slots if s.proc is not None and s.proc.poll() is None]
