@@ -82,9 +82,6 @@ class AcceptorPool:
                 return
             await asyncio.sleep(0.02)
 
-    def pids(self) -> list[int]:
-        return [s.proc.pid for s in self.slots if s.proc is not None and s.proc.poll() is None]
-
     def _spawn(self, slot: _Slot) -> None:
         slot.restart = None
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
