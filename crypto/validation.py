@@ -36,7 +36,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -283,6 +283,28 @@ class CertificateValidator:
         Raises :class:`CertificateRejected`. Blocking but short: at most one chain build (a few hundred
         microseconds), no I/O beyond a ``stat`` of each CRL file (and a re-read of those that changed).
         """
+        return self._validate(leaf_der, usage, now, self._refresh_crls)
+
+    def validate_unless_crls_changed(
+        self,
+        leaf_der: bytes,
+        *,
+        usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
+        now: dt.datetime | None = None,
+    ) -> ValidatedCertificate | None:
+        """`validate` without reading a file, for an event loop: None when a CRL file changed since it
+        was read (`crls_changed`), and `validate` must then run, in a thread. Raises like `validate`."""
+        if self.crls_changed():
+            return None
+        return self._validate(leaf_der, usage, now, lambda: self._index)
+
+    def _validate(
+        self,
+        leaf_der: bytes,
+        usage: x509.ObjectIdentifier,
+        now: dt.datetime | None,
+        crl_index: Callable[[], Mapping[tuple[bytes, bytes], _TrustedCrl]],
+    ) -> ValidatedCertificate:
         moment = _as_utc(now) if now is not None else dt.datetime.now(dt.UTC)
         data = bytes(leaf_der) if isinstance(leaf_der, (bytes, bytearray, memoryview)) else b""
         digest = hashlib.sha256(data).digest()
@@ -297,7 +319,7 @@ class CertificateValidator:
                 self._chains[cache_key] = known
                 while len(self._chains) > self._cache_size:
                     self._chains.popitem(last=False)
-        index = self._refresh_crls()
+        index = crl_index()
         for depth, (serial, ca_key) in enumerate(known.links):
             self._check_revocation(serial, ca_key, index, moment, depth)
         return known.certificate
@@ -471,7 +493,7 @@ class CertificateValidator:
 
     def crls_changed(self) -> bool:
         """Whether `validate` would read a CRL file again (one changed, appeared or went since it was read):
-        a `stat` of each. Callers that validate on an event loop do it in a thread when this is true."""
+        a `stat` of each."""
         for crl_file in self._crl_files:
             try:
                 info = os.stat(crl_file.path)

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from crypto.validation import CertificateRejected, CertificateValidator, ValidatedCertificate
+from crypto.validation import (
+    CertificateRejected,
+    CertificateValidator,
+    ValidatedCertificate,
+)
 from directory.identifiers import PrincipalKind
 from directory.model import Mailbox, Principal
 from directory.store import DirectoryStore, normalise_address
 
 log = logging.getLogger(__name__)
+_V = TypeVar("_V", ValidatedCertificate, "ValidatedCertificate | None")
 
 
 class LoginRefused(Exception):
@@ -73,7 +80,7 @@ class CertificateAuthenticator:
 
     def authenticate(self, cert_der: bytes | None, authzid: str = "") -> Identity:
         """Validate and map a client certificate; raises `LoginRefused`. Blocking: run in a thread."""
-        cert = self._validate(cert_der)
+        cert = self._validate(cert_der, self.validator.validate)
         view = self.directory.login_view(cert.national_id)
         if len(self._views) >= self.size:
             self._views.clear()  # bounded; refilled by the next logins
@@ -83,19 +90,20 @@ class CertificateAuthenticator:
     def from_memory(self, cert_der: bytes | None, authzid: str = "") -> Identity | None:
         """`authenticate` without blocking, or None when it must read (a CRL file changed, or the
         principal was not looked up in the last `ttl` seconds): then call `authenticate` in a thread."""
-        if cert_der and self.validator.crls_changed():
+        cert = self._validate(cert_der, self.validator.validate_unless_crls_changed)
+        if cert is None:
             return None
-        cert = self._validate(cert_der)
         entry = self._views.get(cert.national_id)
         if entry is None or time.monotonic() >= entry[0]:
             return None
         return self._identity(cert, entry[1], authzid)
 
-    def _validate(self, cert_der: bytes | None) -> ValidatedCertificate:
+    @staticmethod
+    def _validate(cert_der: bytes | None, validate: Callable[[bytes], _V]) -> _V:
         if not cert_der:
             raise LoginRefused("no_client_certificate")
         try:
-            return self.validator.validate(cert_der)
+            return validate(cert_der)
         except CertificateRejected as exc:
             raise LoginRefused(f"certificate_{exc.reason.name.lower()}") from None
 
